@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny weights saved in the real on-disk formats, synthetic batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "xdyna_examples"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_folder(tmp_path_factory) -> Path:
+    """A diffusers-format SD1.5-layout folder (unet/, vae/, text_encoder/) with tiny random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from xdyna.models.flavours import TINY
+
+    folder = tmp_path_factory.mktemp("tiny_sd15")
+    torch.manual_seed(123)
+    UNet2DConditionModel(**TINY.unet).save_pretrained(folder / "unet")
+    AutoencoderKL(**TINY.vae).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(**TINY.text_encoder)).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+@pytest.fixture
+def make_batch():
+    """Factory of random batches following the batch contract in docs/design.md."""
+    return random_batch
+
+
+def random_batch(batch: int = 2, frames: int = 4, height: int = 128, width: int = 64, face: bool = True, seed: int = 0) -> dict:
+    """A batch following the batch contract in docs/design.md."""
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "video": torch.rand(batch, frames, 3, height, width, generator=g) * 2 - 1,
+        "reference": torch.rand(batch, 3, height, width, generator=g) * 2 - 1,
+        "pose": torch.rand(batch, frames, 3, height, width, generator=g),
+        "is_scene": torch.zeros(batch, dtype=torch.bool),
+    }
+    if face:
+        out["face"] = torch.rand(batch, frames, 6, height, width, generator=g)
+    return out

@@ -1,0 +1,84 @@
+"""The LightningModule's objective, trainable sets and checkpoint filtering, in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from xdyna.train.cli import CONF_DIR
+from xdyna.train.module import CheckpointMismatchError, XDynaTrainingModule
+
+
+def stage_config(name: str, **optim) -> dict:
+    stage = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
+    stage["optim"].update(optim)
+    return stage
+
+
+def tiny_model_config(**overrides) -> dict:
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
+    config.update(overrides)
+    return config
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_one_step_changes_exactly_the_stage_parameters(stage, make_batch):
+    module = XDynaTrainingModule(model=tiny_model_config(), stage=stage_config(stage, lr=1e-3, warmup_steps=1))
+    optimizer = module.configure_optimizers()["optimizer"]
+    # Leave the zero-init state (where zero output layers block the gradient to everything behind
+    # them), as any step after the first does.
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    torch.manual_seed(0)
+    loss = module.diffusion_loss(make_batch(frames=3))
+    loss.backward()
+    optimizer.step()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    groups = module.model.component_parameters()
+    stage_names = {f"model.{n}" for c in module.trainable_components for n, _ in groups[c]}
+    assert trainable == stage_names
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == stage_names
+    # The optimizer holds the stage's parameters and nothing else.
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for n, p in module.named_parameters() if n in stage_names}
+
+
+def test_overfit_one_fixed_batch_lowers_the_loss(make_batch):
+    module = XDynaTrainingModule(model=tiny_model_config(), stage=stage_config("stage1", lr=2e-3, warmup_steps=1, weight_decay=0.0))
+    optimizer = module.configure_optimizers()["optimizer"]
+    batch = make_batch(batch=1, frames=2)
+    losses = []
+    for _ in range(25):
+        torch.manual_seed(0)  # same VAE sample, noise and timestep every step: one fixed problem
+        loss = module.diffusion_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_checkpoint_keeps_only_trainable_weights_and_rejects_foreign_ones():
+    module = XDynaTrainingModule(model=tiny_model_config(), stage=stage_config("stage2"))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    kept = set(checkpoint["state_dict"])
+    assert kept == module.trainable_state_keys()
+    assert all(k.startswith("model.face_controlnet.") for k in kept)
+    module.on_load_checkpoint(checkpoint)  # its own checkpoint loads
+
+    foreign = dict(checkpoint["state_dict"], **{"model.someone_else.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError, match="1 unknown key"):
+        module.on_load_checkpoint({"state_dict": foreign})
+    key = next(iter(kept))
+    wrong = dict(checkpoint["state_dict"], **{key: torch.zeros(1, 2, 3)})
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
+        module.on_load_checkpoint({"state_dict": wrong})
+    partial = dict(list(checkpoint["state_dict"].items())[1:])
+    with pytest.raises(CheckpointMismatchError, match="trainable key\\(s\\) absent"):
+        module.on_load_checkpoint({"state_dict": partial})

@@ -1,0 +1,96 @@
+"""Training callbacks: sample videos from a fixed validation batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from datapipes.video import encode_mp4
+
+from ..pipelines import sample_clip
+
+
+def to_uint8_frames(video: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
+    """``(F, 3, H, W)`` float in ``value_range`` -> ``(F, H, W, 3)`` uint8."""
+    low, high = value_range
+    scaled = ((video.float().clamp(low, high) - low) / (high - low) * 255).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def side_by_side(reference: torch.Tensor, pose: torch.Tensor, generated: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """One sample as ``reference | pose | generated | ground truth`` frames, uint8 ``(F, H, 4W, 3)``."""
+    frames = generated.shape[0]
+    panels = [
+        to_uint8_frames(reference.unsqueeze(0).expand(frames, -1, -1, -1), (-1, 1)),
+        to_uint8_frames(pose, (0, 1)),
+        to_uint8_frames(generated, (-1, 1)),
+        to_uint8_frames(target, (-1, 1)),
+    ]
+    return np.concatenate(panels, axis=2)
+
+
+class SampleVideoCallback(L.Callback):
+    """Every ``every_n_steps`` (and at the end) generate clips for a fixed batch and save/log them.
+
+    The fixed batch is the first training batch this rank sees, so it needs no extra data source
+    and is the same on resume. Every rank renders its own share and writes its own file; only rank
+    0 logs to W&B, so no rank ever waits for another here.
+    """
+
+    def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, max_samples: int = 2, fps: float = 8.0, seed: int = 0):
+        self.every_n_steps = every_n_steps
+        self.num_inference_steps = num_inference_steps
+        self.max_samples = max_samples
+        self.fps = fps
+        self.seed = seed
+        self.fixed_batch: dict[str, Any] | None = None
+        self.last_video: Path | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.fixed_batch is None:
+            n = self.max_samples
+            self.fixed_batch = {k: v[:n].detach().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.render(trainer, pl_module)
+
+    @torch.no_grad()
+    def render(self, trainer: L.Trainer, pl_module) -> Path | None:
+        if self.fixed_batch is None:
+            return None
+        batch = {k: v.to(pl_module.device) for k, v in self.fixed_batch.items()}
+        face = batch.get("face") if "face" in pl_module.conditions else None
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            generated = sample_clip(
+                pl_module.model, batch["reference"], batch["pose"], face, self.num_inference_steps, generator
+            )
+        finally:
+            pl_module.train(was_training)
+        frames = np.concatenate(
+            [side_by_side(batch["reference"][i], batch["pose"][i], generated[i], batch["video"][i]) for i in range(generated.shape[0])],
+            axis=1,
+        )
+        out_dir = Path(trainer.default_root_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step{trainer.global_step:07d}_rank{trainer.global_rank}.mp4"
+        tmp = path.with_suffix(".mp4.tmp")
+        tmp.write_bytes(encode_mp4(frames, self.fps))
+        tmp.replace(path)
+        self.last_video = path
+        if trainer.global_rank == 0:
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_video"):
+                    # W&B wants (T, C, H, W) uint8.
+                    logger.log_video("samples", [frames.transpose(0, 3, 1, 2)], step=trainer.global_step, fps=[self.fps], format=["mp4"])
+        return path

@@ -1,0 +1,114 @@
+"""LightningModule for X-Dyna's denoising objective."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, XDynaUserError
+from ..diffusion import add_noise, sample_timesteps, training_scheduler
+from ..models import ModelConfig, XDynaModel, build_model
+
+CONDITIONS = ("pose", "face")
+
+
+class CheckpointMismatchError(XDynaUserError, RuntimeError):
+    """A checkpoint does not belong to this model/stage."""
+
+
+class XDynaTrainingModule(L.LightningModule):
+    """Epsilon-prediction MSE on the generated frames; only the stage's components train.
+
+    Checkpoints hold the trainable weights only (the frozen SD1.5 weights are rebuilt from their
+    folders), so ``strict_loading`` is off and :meth:`on_load_checkpoint` checks keys itself.
+    """
+
+    def __init__(self, model: Mapping[str, Any], stage: Mapping[str, Any]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_mapping(model)
+        self.trainable_components = list(stage["trainable"])
+        self.conditions = list(stage.get("conditions", ["pose"]))
+        unknown = sorted(set(self.conditions) - set(CONDITIONS))
+        if unknown:
+            raise ConfigError(f"stage.conditions: unknown {unknown}; known: {list(CONDITIONS)}")
+        if "face" in self.conditions and self.model_config.face == "none":
+            raise ConfigError("stage.conditions includes face but model.face=none has no S-Face ControlNet")
+        self.optim = dict(stage["optim"])
+        self.model: XDynaModel = build_model(self.model_config)
+        self.model.set_trainable(self.trainable_components)
+        self.noise_scheduler = training_scheduler()
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ objective
+    def diffusion_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        video = batch["video"]
+        latents = self.model.encode_video(video)
+        reference_latents = self.model.encode_images(batch["reference"])
+        noise = torch.randn_like(latents)
+        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler, device=latents.device)
+        noisy = add_noise(self.noise_scheduler, latents, noise, timesteps)
+        pose = batch["pose"] if "pose" in self.conditions else None
+        face = None
+        if "face" in self.conditions:
+            if "face" not in batch:
+                raise ConfigError("stage.conditions includes face but the data gives no face maps (set data.with_face=true)")
+            face = batch["face"]
+        prediction = self.model(noisy, timesteps, reference_latents, pose, face)
+        # The clean reference is not part of the prediction: the loss covers generated frames only.
+        return F.mse_loss(prediction.float(), noise.float())
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optim = self.optim
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=optim["lr"],
+            betas=tuple(optim.get("betas", (0.9, 0.999))),
+            weight_decay=optim.get("weight_decay", 0.01),
+            eps=optim.get("eps", 1e-8),
+        )
+        warmup = max(1, int(optim.get("warmup_steps", 0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys()
+        state = checkpoint.get("state_dict")
+        if state is not None:  # DeepSpeed keeps weights in its own files and passes no state_dict
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+        checkpoint["xdyna"] = {"trainable_components": self.trainable_components, "flavour": self.model_config.flavour}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        own = self.state_dict()
+        foreign = sorted(k for k in state if k not in own)
+        wrong_shape = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+        missing = sorted(self.trainable_state_keys() - set(state))
+        if foreign or wrong_shape or missing:
+            def show(keys: list[str]) -> str:
+                return ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5})" if len(keys) > 5 else "")
+
+            problems = []
+            if foreign:
+                problems.append(f"{len(foreign)} unknown key(s): {show(foreign)}")
+            if wrong_shape:
+                problems.append(f"{len(wrong_shape)} shape mismatch(es): {show(wrong_shape)}")
+            if missing:
+                problems.append(f"{len(missing)} trainable key(s) absent: {show(missing)}")
+            raise CheckpointMismatchError("checkpoint does not match this model/stage: " + "; ".join(problems))
