@@ -91,6 +91,20 @@ class SampleVideoCallback(L.Callback):
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 if hasattr(logger, "log_video"):
-                    # W&B wants (T, C, H, W) uint8.
-                    logger.log_video("samples", [frames.transpose(0, 3, 1, 2)], step=trainer.global_step, fps=[self.fps], format=["mp4"])
+                    # A file path: W&B's raw-array route needs moviepy to re-encode what we already encoded.
+                    logger.log_video("samples", [str(path)], step=trainer.global_step, format=["mp4"])
         return path
+
+
+class EndOfStageCheckpoint(L.Callback):
+    """Write ``last.ckpt`` when the stage ends, whatever step that falls on.
+
+    ModelCheckpoint only writes on its step interval (or epoch ends); a stage that stops at
+    ``max_steps`` between two intervals would otherwise lose its final steps.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)

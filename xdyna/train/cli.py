@@ -55,19 +55,22 @@ def run_training(cfg) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from omegaconf import OmegaConf
 
-    from .callbacks import SampleVideoCallback
+    from .callbacks import EndOfStageCheckpoint, SampleVideoCallback
     from .datamodule import ClipDataModule
     from .module import XDynaTrainingModule
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise user_error(f"required config value(s) not set: {', '.join(missing)}")
     run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    datamodule = ClipDataModule(data_cfg)  # first: checks data paths before the model loads
     module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg)
-    datamodule = ClipDataModule(data_cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     checkpoint_dir = run_dir / "checkpoints"
     checkpoints = ModelCheckpoint(
@@ -88,7 +91,8 @@ def run_training(cfg) -> dict[str, Any]:
         seed=cfg.seed,
     )
     logger = build_logger(cfg, run_dir)
-    callbacks = [checkpoints, samples]
+    last = checkpoint_dir / "last.ckpt"
+    callbacks = [checkpoints, samples, EndOfStageCheckpoint(last)]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
@@ -100,7 +104,6 @@ def run_training(cfg) -> dict[str, Any]:
         use_distributed_sampler=False,
         enable_model_summary=False,
     )
-    last = checkpoint_dir / "last.ckpt"
     ckpt_path = str(last) if cfg.run.resume and last.exists() else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 

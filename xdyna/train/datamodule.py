@@ -6,17 +6,35 @@ from typing import Any, Mapping
 
 import lightning as L
 
-from datapipes.loader import ClipLoaderConfig, build_clip_loader
+from datapipes.loader import build_clip_loader, config_from_dict
+from datapipes.shards import expand_shard_urls
+
+from ..errors import ConfigError
 
 
 class ClipDataModule(L.LightningDataModule):
     """Builds the rank's loader with rank/world passed explicitly (never read from the
     environment, see the WebDataset trap in the stack notes) and carries its position in
-    checkpoints through ``state_dict``/``load_state_dict``."""
+    checkpoints through ``state_dict``/``load_state_dict``.
+
+    The config and shard paths are checked on construction, before any model is built, so a
+    wrong path fails in a second rather than after loading SD1.5.
+    """
 
     def __init__(self, data: Mapping[str, Any]):
         super().__init__()
-        self.config = ClipLoaderConfig(**dict(data))
+        try:
+            self.config = config_from_dict(dict(data))
+            self.config.validate()
+        except ValueError as error:
+            raise ConfigError(f"data: {error}") from None
+        for key in ("shards", "scene_shards"):
+            spec = getattr(self.config, key)
+            if spec is not None or key == "shards":
+                try:
+                    expand_shard_urls(spec)
+                except FileNotFoundError as error:
+                    raise FileNotFoundError(f"data.{key}: {error}") from None
         self.loader = None
         self._pending_state: dict[str, Any] | None = None
 

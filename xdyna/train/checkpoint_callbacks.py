@@ -1,0 +1,109 @@
+"""Periodic and end-of-stage checkpoints, one per optimizer step count, committed atomically.
+
+Replaces Lightning's ModelCheckpoint here because resume needs exactly "the newest complete
+checkpoint" (see :mod:`xdyna.train.checkpointing`), not a "best"/"last" pair: names carry the
+step (``step=000120.ckpt``), the ``latest`` pointer moves after each commit, and pruning never
+deletes the newest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+
+from xdyna.train import checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def save_step_checkpoint(trainer: L.Trainer, checkpoint_dir: str | os.PathLike) -> Path:
+    """Collective: the checkpoint of the current optimizer step, unless one is already committed."""
+    path = Path(checkpoint_dir) / checkpointing.checkpoint_name(trainer.global_step)
+    # Every rank must take the same branch: rank 0 decides.
+    exists = trainer.strategy.broadcast(checkpointing.is_complete(path))
+    if not exists:
+        trainer.save_checkpoint(path)
+    return path
+
+
+class StepCheckpoints(L.Callback):
+    """Save every ``every_n_steps`` optimizer steps and when the stage ends; keep the newest ``keep``.
+
+    ``keep <= 0`` keeps all. A stage stopped by preemption is not "ended": the preemption
+    handler has already saved that step.
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, every_n_steps: int, keep: int = 3):
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.every_n_steps = int(every_n_steps)
+        self.keep = int(keep)
+        self.last_saved: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not any(getattr(cb, "preempted", False) for cb in trainer.callbacks):
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        self.last_saved = save_step_checkpoint(trainer, self.checkpoint_dir)
+        if trainer.is_global_zero and self.keep > 0:
+            self.prune()
+        trainer.strategy.barrier()
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest ``keep`` complete checkpoints (rank 0 only)."""
+        entries = checkpointing.list_complete_checkpoints(self.checkpoint_dir)
+        doomed = [entry.path for entry in entries[: max(0, len(entries) - self.keep)]]
+        for path in doomed:
+            checkpointing.remove_checkpoint(path)
+        return doomed
+
+
+class RandomStateCheckpoint(L.Callback):
+    """Carries every rank's RNG states (python, numpy, torch, CUDA) through checkpoints.
+
+    Only rank 0's checkpoint dict reaches disk (DDP and DeepSpeed alike), so ``state_dict``
+    gathers all ranks' states. They are applied at the first training batch after a resume, not
+    at load time: between load and that batch Lightning builds the data iterator, which draws
+    from the global RNG once, while the never-stopped run drew that number at its epoch start.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            return {"ranks": gathered}
+        return {"ranks": [states]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        ranks = self._pending["ranks"]
+        self._pending = None
+        if len(ranks) != trainer.world_size:
+            # A different world size: no sensible mapping of streams to ranks; stay on the fresh seeds.
+            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: not restored",
+                        len(ranks), trainer.world_size)
+            return
+        _set_rng_states(ranks[trainer.global_rank])

@@ -1,0 +1,148 @@
+"""Consolidate a training checkpoint into per-component safetensors, and read them back.
+
+A checkpoint is either a DeepSpeed directory (ZeRO shards of the trainable weights only) or a
+single Lightning ``.ckpt`` file. The export is a directory::
+
+    <out>/dynamics_adapter.safetensors   # keys: XDynaModel parameter names (model.component_parameters())
+    <out>/motion_modules.safetensors
+    <out>/pose_controlnet.safetensors
+    <out>/face_controlnet.safetensors    # only components the checkpoint trained
+    <out>/export.json                    # step, components, model config, source checkpoint
+
+Each file holds one component's fp32 weights under the names :meth:`XDynaModel.component_parameters`
+gives them, so ``load_components`` is a plain ``load_state_dict`` plus a completeness check.
+Stage 2 starts from stage 1's export this way (``init.from_run`` in the training config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xdyna.errors import XDynaUserError
+
+EXPORT_MANIFEST = "export.json"
+_MODULE_PREFIX = "model."
+# Lightning wraps the LightningModule for DeepSpeed; parameter names inside the shards carry it.
+_WRAPPER_PREFIX = "_forward_module."
+
+
+class ExportError(XDynaUserError, RuntimeError):
+    """A checkpoint or export directory that cannot be read as asked."""
+
+
+def _deepspeed_states(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = checkpoint_dir / "checkpoint"
+    model_states = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_states:
+        raise ExportError(f"{checkpoint_dir}: no DeepSpeed model states under checkpoint/")
+    client_state = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="checkpoint")
+    weights = {k.removeprefix(_WRAPPER_PREFIX): v for k, v in state.items()}
+    return weights, client_state
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full-precision trainable weights (LightningModule names) and the checkpoint's metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        weights, meta = _deepspeed_states(path)
+    else:
+        meta = torch.load(path, map_location="cpu", weights_only=False)
+        weights = meta.get("state_dict") or {}
+    if "hyper_parameters" not in meta:
+        raise ExportError(f"{path}: no hyper_parameters (not written by XDynaTrainingModule)")
+    return {k: v.float() for k, v in weights.items()}, meta
+
+
+def component_names(model) -> dict[str, set[str]]:
+    return {name: {pname for pname, _ in params} for name, params in model.component_parameters().items()}
+
+
+def split_by_component(weights: Mapping[str, torch.Tensor], model) -> dict[str, dict[str, torch.Tensor]]:
+    """Group LightningModule-named weights into the model's components; all must be complete."""
+    model_weights = {k.removeprefix(_MODULE_PREFIX): v for k, v in weights.items() if k.startswith(_MODULE_PREFIX)}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    claimed: set[str] = set()
+    for component, names in component_names(model).items():
+        present = names & set(model_weights)
+        if not present:
+            continue
+        if present != names:
+            missing = sorted(names - present)
+            raise ExportError(f"checkpoint holds part of {component}: {len(missing)} tensor(s) absent, e.g. {missing[:3]}")
+        groups[component] = {name: model_weights[name].contiguous() for name in sorted(names)}
+        claimed |= names
+    stray = sorted(set(model_weights) - claimed)
+    if stray:
+        raise ExportError(f"checkpoint weights outside every component: {stray[:5]}")
+    return groups
+
+
+def build_model_from_hparams(hparams: Mapping[str, Any]):
+    from xdyna.models import ModelConfig, build_model
+
+    return build_model(ModelConfig.from_mapping(hparams["model"]))
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model=None) -> dict[str, Any]:
+    """Write the export directory; returns its manifest. ``model`` defaults to one built from the checkpoint."""
+    weights, meta = read_checkpoint(checkpoint)
+    hparams = meta["hyper_parameters"]
+    model = model if model is not None else build_model_from_hparams(hparams)
+    groups = split_by_component(weights, model)
+    if not groups:
+        raise ExportError(f"{checkpoint}: holds no weights of any component")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = int(meta.get("global_step", -1))
+    for component, tensors in groups.items():
+        save_file(tensors, str(out_dir / f"{component}.safetensors"),
+                  metadata={"format": "xdyna-component", "component": component, "step": str(step)})
+    manifest = {
+        "components": sorted(groups),
+        "step": step,
+        "source": str(Path(checkpoint).resolve()),
+        "model": hparams["model"],
+        "stage": hparams.get("stage"),
+    }
+    (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return manifest
+
+
+def load_components(model, export_dir: str | os.PathLike, components: Iterable[str] | None = None) -> list[str]:
+    """Load exported components into ``model`` (an XDynaModel); returns the names loaded.
+
+    ``components=None`` loads every component present in the export. Each file must match the
+    model's component exactly (same names and shapes), else a clear error names the difference.
+    """
+    export_dir = Path(export_dir)
+    manifest_path = export_dir / EXPORT_MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{export_dir} is not an xdyna export (no {EXPORT_MANIFEST}); make one with xdyna-export")
+    available = json.loads(manifest_path.read_text())["components"]
+    wanted = list(available if components is None else components)
+    absent = sorted(set(wanted) - set(available))
+    if absent:
+        raise ExportError(f"{export_dir} has no {absent} (it has {available})")
+    expected = component_names(model)
+    own = model.state_dict()
+    for component in wanted:
+        tensors = load_file(str(export_dir / f"{component}.safetensors"))
+        if set(tensors) != expected[component]:
+            diff = sorted(set(tensors) ^ expected[component])
+            raise ExportError(f"{component}.safetensors does not match this model's {component}: e.g. {diff[:3]}")
+        bad_shape = [k for k, v in tensors.items() if own[k].shape != v.shape]
+        if bad_shape:
+            raise ExportError(f"{component}.safetensors shape mismatch for {bad_shape[:3]} (another flavour?)")
+        model.load_state_dict(tensors, strict=False)
+    return wanted

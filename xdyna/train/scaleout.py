@@ -1,0 +1,79 @@
+"""Everything ``xdyna-train`` adds to a Trainer for scale-out: strategy, cluster environment,
+checkpoint/preemption callbacks and the checkpoint to resume from.
+
+Kept apart from the CLI so tests and benchmarks build exactly the Trainer a job builds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from xdyna.train import checkpointing
+from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, StepCheckpoints
+from xdyna.train.preemption import DEFAULT_SIGNALS, PreemptionHandler
+from xdyna.train.strategies import checkpoint_plugins, make_strategy
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def is_env_rank_zero(environ=os.environ) -> bool:
+    """Whether this process will be global rank 0, decided before any process group exists."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if environ.get(key, "").isdigit():
+            return int(environ[key]) == 0
+    # Lightning's local launcher: children get LOCAL_RANK/NODE_RANK, the launching parent none.
+    return environ.get("LOCAL_RANK", "0") == "0" and environ.get("NODE_RANK", "0") == "0"
+
+
+@dataclass
+class ScaleOut:
+    trainer_kwargs: dict[str, Any]
+    callbacks: list
+    checkpoint_dir: Path
+    resume_from: Path | None
+    preemption: PreemptionHandler
+
+
+def build_scaleout(
+    trainer_cfg: Mapping[str, Any],
+    run_dir: str | os.PathLike,
+    *,
+    every_n_steps: int,
+    keep: int,
+    resume: bool = True,
+    preemption_signals=DEFAULT_SIGNALS,
+    requeue: bool = True,
+) -> ScaleOut:
+    """Turn ``cfg.trainer`` (with its ``strategy`` group) into Trainer kwargs + callbacks."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    trainer_kwargs = dict(trainer_cfg)
+    strategy_cfg = trainer_kwargs.pop("strategy", "auto")
+    if isinstance(strategy_cfg, Mapping):
+        strategy_cfg = {k: v for k, v in strategy_cfg.items() if k != "_target_"}
+        strategy = make_strategy(**strategy_cfg)
+    else:
+        strategy = make_strategy(kind=str(strategy_cfg))
+    plugins = list(checkpoint_plugins(strategy))
+    if SLURMEnvironment.detect():
+        # Our PreemptionHandler owns requeue; Lightning's would save inside the signal handler.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer_kwargs["strategy"] = strategy
+    if plugins:
+        trainer_kwargs["plugins"] = plugins
+
+    checkpoint_dir = Path(run_dir) / CHECKPOINT_SUBDIR
+    if is_env_rank_zero():
+        # Nothing writes checkpoints before training starts: leftovers of a killed write can go.
+        checkpointing.remove_stale_partials(checkpoint_dir)
+    resume_from = checkpointing.newest_complete_checkpoint(checkpoint_dir) if resume else None
+    preemption = PreemptionHandler(checkpoint_dir, signals=preemption_signals, requeue=requeue)
+    callbacks = [
+        StepCheckpoints(checkpoint_dir, every_n_steps=every_n_steps, keep=keep),
+        preemption,
+        RandomStateCheckpoint(),
+    ]
+    return ScaleOut(trainer_kwargs, callbacks, checkpoint_dir, resume_from, preemption)

@@ -1,0 +1,157 @@
+"""SLURM job rendering and submission for ``xdyna-launch slurm`` (launch/ is a thin CLI over this).
+
+One sbatch script per run: ``--nodes`` = ``trainer.num_nodes``, ``--ntasks-per-node`` =
+``trainer.devices`` (Lightning's rule: one task per device, started by ``srun``), the warning
+signal ``--signal=SIGUSR1@<lead>`` that :class:`xdyna.train.preemption.PreemptionHandler` turns
+into checkpoint + ``scontrol requeue``, and ``--requeue``. The run id is fixed at submission and
+exported as ``XDYNA_RUN_ID``; a requeued job keeps its environment, so it lands in the same run
+directory and W&B run and resumes there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+
+
+class LaunchError(ValueError):
+    """A launch request that cannot become a valid job; the message says which setting."""
+
+
+@dataclass(frozen=True)
+class SlurmJobSpec:
+    """What the sbatch header says. ``tasks_per_node`` is the number of devices per node."""
+
+    job_name: str
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0          # GPUs to request (GRES); 0 on CPU-only partitions
+    cpus_per_task: int | None = None
+    mem: str | None = None          # e.g. "64G" per node
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_lead_s: int = 90         # SIGUSR1 this many seconds before the time limit
+    requeue: bool = True
+    extra_directives: tuple[str, ...] = ()   # further "#SBATCH" options, e.g. "--constraint=a100"
+    setup: tuple[str, ...] = ()              # shell lines before srun (module load, venv activate)
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise LaunchError(f"launcher.nodes must be >= 1, got {self.nodes}")
+        if self.tasks_per_node < 1:
+            raise LaunchError(f"tasks per node (trainer.devices) must be >= 1, got {self.tasks_per_node}")
+        if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
+            raise LaunchError(
+                f"launcher.gpus_per_node={self.gpus_per_node} but trainer.devices={self.tasks_per_node}: "
+                "Lightning under SLURM needs one task per GPU"
+            )
+        if not _TIME.match(self.time):
+            raise LaunchError(f"launcher.time {self.time!r} is not a SLURM time ([D-]HH[:MM[:SS]])")
+        if self.signal_lead_s < 10:
+            raise LaunchError(f"launcher.signal_lead_s={self.signal_lead_s}: too little time to checkpoint")
+
+
+def stable_run_id(name: str, overrides: Sequence[str]) -> str:
+    """``<name>-<hash of the overrides>``: the same launch command gives the same run (and resumes it).
+
+    Never a timestamp: the id must be reproducible from the command so that a resubmission, by
+    hand or by SLURM's requeue, continues the run in place.
+    """
+    relevant = sorted(o for o in overrides if not o.startswith(("run.id=", "launcher.")))
+    digest = hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "run"
+    return f"{stem[:50]}-{digest}"
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise LaunchError(
+            f"run id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (it names a directory and a W&B run)"
+        )
+    return run_id
+
+
+def render_sbatch(spec: SlurmJobSpec, train_command: Sequence[str], run_dir: Path, run_id: str) -> str:
+    """The batch script text. ``train_command`` runs once per task under ``srun``."""
+    spec.validate()
+    log_dir = run_dir / "slurm"
+    directives = [
+        f"--job-name={spec.job_name}",
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.tasks_per_node}",
+        f"--time={spec.time}",
+        f"--signal=SIGUSR1@{spec.signal_lead_s}",
+        # Requeued jobs append to the same log instead of overwriting the first attempt's.
+        "--open-mode=append",
+        f"--output={log_dir}/slurm-%j.out",
+    ]
+    if spec.requeue:
+        directives.append("--requeue")
+    if spec.gpus_per_node:
+        directives.append(f"--gpus-per-node={spec.gpus_per_node}")
+    for option, value in (("cpus-per-task", spec.cpus_per_task), ("mem", spec.mem), ("partition", spec.partition),
+                          ("account", spec.account), ("qos", spec.qos)):
+        if value not in (None, ""):
+            directives.append(f"--{option}={value}")
+    directives.extend(spec.extra_directives)
+    lines = ["#!/bin/bash"]
+    lines += [f"#SBATCH {d}" for d in directives]
+    lines += [
+        "# Rendered by xdyna-launch. A requeued job reruns this script with the same environment:",
+        "# same XDYNA_RUN_ID -> same run directory and W&B run -> resume from the newest complete checkpoint.",
+        "set -euo pipefail",
+        f"export XDYNA_RUN_ID={shlex.quote(run_id)}",
+        'echo "xdyna: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
+        *spec.setup,
+        # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others hanging.
+        "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(part) for part in train_command),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_sbatch(script: str, run_dir: Path) -> Path:
+    path = run_dir / "slurm" / "job.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    return path
+
+
+def submit(script_path: Path, sbatch: str = "sbatch", env: dict | None = None) -> str:
+    """``sbatch --parsable``; returns the job id."""
+    try:
+        done = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True, env=env)
+    except FileNotFoundError as err:
+        raise LaunchError(f"{sbatch!r} not found: run xdyna-launch on a SLURM login node") from err
+    if done.returncode != 0:
+        raise LaunchError(f"sbatch rejected {script_path}: {done.stderr.strip()}")
+    job_id = done.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise LaunchError(f"sbatch printed no job id: {done.stdout.strip()!r}")
+    return job_id
+
+
+def train_command(overrides: Sequence[str], python: str = sys.executable) -> list[str]:
+    """The per-task command: this interpreter running the Hydra entry point with the overrides."""
+    return [python, "-m", "xdyna.train.cli", *overrides]
+
+
+@dataclass
+class LaunchPlan:
+    run_id: str
+    run_dir: Path
+    spec: SlurmJobSpec
+    overrides: list[str] = field(default_factory=list)
+
+    def script(self, python: str = sys.executable) -> str:
+        return render_sbatch(self.spec, train_command(self.overrides, python), self.run_dir, self.run_id)
