@@ -82,3 +82,23 @@ def test_checkpoint_keeps_only_trainable_weights_and_rejects_foreign_ones():
     partial = dict(list(checkpoint["state_dict"].items())[1:])
     with pytest.raises(CheckpointMismatchError, match="trainable key\\(s\\) absent"):
         module.on_load_checkpoint({"state_dict": partial})
+
+
+def test_uint8_batches_mean_the_same_as_float_batches():
+    from xdyna.train.batches import to_float_batch
+
+    raw = {
+        "video": torch.tensor([0, 255, 51], dtype=torch.uint8),
+        "reference": torch.tensor([255], dtype=torch.uint8),
+        "pose": torch.tensor([0, 255], dtype=torch.uint8),
+        "face": torch.tensor([51], dtype=torch.uint8),
+        "is_scene": torch.tensor([True]),
+    }
+    out = to_float_batch(raw)
+    torch.testing.assert_close(out["video"], torch.tensor([-1.0, 1.0, 51 / 127.5 - 1]))
+    torch.testing.assert_close(out["reference"], torch.tensor([1.0]))
+    torch.testing.assert_close(out["pose"], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out["face"], torch.tensor([0.2]))
+    assert out["is_scene"] is raw["is_scene"]
+    floats = {"video": torch.tensor([0.5])}
+    assert to_float_batch(floats)["video"] is floats["video"]  # float batches pass through untouched

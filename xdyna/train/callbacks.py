@@ -12,6 +12,7 @@ import torch
 from datapipes.video import encode_mp4
 
 from ..pipelines import sample_clip
+from .batches import to_float_batch
 
 
 def to_uint8_frames(video: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
@@ -53,6 +54,7 @@ class SampleVideoCallback(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.fixed_batch is None:
             n = self.max_samples
+            batch = to_float_batch(batch)
             self.fixed_batch = {k: v[:n].detach().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -94,17 +96,3 @@ class SampleVideoCallback(L.Callback):
                     # A file path: W&B's raw-array route needs moviepy to re-encode what we already encoded.
                     logger.log_video("samples", [str(path)], step=trainer.global_step, format=["mp4"])
         return path
-
-
-class EndOfStageCheckpoint(L.Callback):
-    """Write ``last.ckpt`` when the stage ends, whatever step that falls on.
-
-    ModelCheckpoint only writes on its step interval (or epoch ends); a stage that stops at
-    ``max_steps`` between two intervals would otherwise lose its final steps.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.path)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, XDynaUserError
 from ..diffusion import add_noise, sample_timesteps, training_scheduler
+from .batches import to_float_batch
 from ..models import ModelConfig, XDynaModel, build_model
 
 CONDITIONS = ("pose", "face")
@@ -45,6 +46,7 @@ class XDynaTrainingModule(L.LightningModule):
 
     # ------------------------------------------------------------------ objective
     def diffusion_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        batch = to_float_batch(batch)
         video = batch["video"]
         latents = self.model.encode_video(video)
         reference_latents = self.model.encode_images(batch["reference"])
