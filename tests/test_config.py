@@ -39,3 +39,28 @@ def test_every_combination_composes(combo, monkeypatch):
     ClipLoaderConfig(**OmegaConf.to_container(cfg.data, resolve=True))
     assert set(cfg.stage.trainable) and cfg.stage.optim.lr > 0
     assert cfg.run.dir.endswith("compose-test")
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+NESTED = [
+    *(f"experiment={o}" for o in options("experiment")),
+    *(f"trainer/strategy={o}" for o in options("trainer/strategy")),
+    *(f"model/reference={r}" for r in options("model/reference")),
+    *(f"model/face={f}" for f in options("model/face")),
+]
+
+
+@pytest.mark.parametrize("override", NESTED)
+def test_every_nested_option_composes_into_a_valid_model_config(override, monkeypatch):
+    monkeypatch.setenv("XDYNA_RUN_ID", "compose-test")
+    cfg = compose_train([override])
+    ModelConfig.from_mapping(OmegaConf.to_container(cfg.model, resolve=True))
+    group, _, option = override.partition("=")
+    if group == "model/reference":
+        assert cfg.model.reference == option
+    if group == "model/face":
+        assert cfg.model.face == option

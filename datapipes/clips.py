@@ -1,0 +1,263 @@
+"""From one raw shard sample to training tensors: clip and reference sampling, aspect-ratio
+buckets, one resize/crop shared by video, pose and face maps, blank conditions for scenes.
+
+Every random choice comes from the generator passed in, so a sample can be rebuilt exactly
+from its address and its per-sample seed (that is how a resumed loader restores a batch that
+was half-filled when the checkpoint was taken).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datapipes import shards
+from datapipes.face import FaceFrame, SFaceGeometry, face_track_from_json, s_face_maps
+from datapipes.pose import keypoints_from_json, render_pose
+from datapipes.video import VideoDecodeError, open_video, read_frames
+
+REFERENCE_MODES = ("outside", "inside", "any")
+CROP_MODES = ("random", "center")
+POSE_SOURCES = ("auto", "video", "keypoints")
+
+
+class BadSample(Exception):
+    """A sample that cannot become a training clip; ``reason`` says why, ``key`` which."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What a clip looks like; built from the loader config."""
+    num_frames: int
+    frame_stride: int
+    buckets: tuple[tuple[int, int], ...]
+    reference: str = "outside"
+    crop: str = "random"
+    with_face: bool = False
+    pose_from: str = "auto"
+    decode_threads: int = 1
+
+    @property
+    def span(self) -> int:
+        return (self.num_frames - 1) * self.frame_stride + 1
+
+
+def sample_clip_indices(num_frames: int, clip_frames: int, stride: int,
+                        rng: np.random.Generator) -> np.ndarray | None:
+    """``clip_frames`` indices ``start + stride * i`` with a uniform random start; ``None`` when
+    the video is shorter than the clip's span."""
+    span = (clip_frames - 1) * stride + 1
+    if num_frames < span:
+        return None
+    start = int(rng.integers(0, num_frames - span + 1))
+    return start + stride * np.arange(clip_frames)
+
+
+def sample_reference_index(num_frames: int, clip: np.ndarray, mode: str,
+                           rng: np.random.Generator) -> int:
+    """The reference frame: ``outside`` the clip's span (falling back to any frame when the
+    clip covers the whole video), ``inside`` it (one of the clip's frames) or ``any``."""
+    if mode == "inside":
+        return int(clip[rng.integers(len(clip))])
+    if mode == "outside":
+        first, last = int(clip[0]), int(clip[-1])
+        outside = first + (num_frames - 1 - last)
+        if outside > 0:
+            pick = int(rng.integers(outside))
+            return pick if pick < first else last + 1 + (pick - first)
+    return int(rng.integers(num_frames))
+
+
+def choose_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """The bucket whose aspect ratio is nearest (in log ratio) to ``height x width``."""
+    ratio = math.log(height / width)
+    return min(range(len(buckets)), key=lambda b: abs(math.log(buckets[b][0] / buckets[b][1]) - ratio))
+
+
+@dataclass(frozen=True)
+class ResizeCrop:
+    """Resize a ``source`` frame to ``resized`` (covering the target), then crop ``target`` at
+    ``(top, left)``. The same instance is applied to video, pose and face geometry."""
+    source: tuple[int, int]
+    resized: tuple[int, int]
+    top: int
+    left: int
+    target: tuple[int, int]
+
+    @classmethod
+    def plan(cls, source: tuple[int, int], target: tuple[int, int], mode: str,
+             rng: np.random.Generator) -> "ResizeCrop":
+        scale = max(target[0] / source[0], target[1] / source[1])
+        resized = (max(target[0], round(source[0] * scale)), max(target[1], round(source[1] * scale)))
+        slack_y, slack_x = resized[0] - target[0], resized[1] - target[1]
+        if mode == "random":
+            top, left = int(rng.integers(slack_y + 1)), int(rng.integers(slack_x + 1))
+        else:
+            top, left = slack_y // 2, slack_x // 2
+        return cls(tuple(source), resized, top, left, tuple(target))
+
+    def frames(self, frames: np.ndarray) -> torch.Tensor:
+        """``uint8 (T, h, w, 3)`` frames of any size with this source's aspect ->
+        ``uint8 (T, 3, H, W)``. Without a resize this is a crop of the decoded frames and never
+        touches floats (the cheap path at full resolution)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        if tuple(tensor.shape[-2:]) != self.resized:
+            tensor = _to_uint8(F.interpolate(tensor.float(), size=self.resized, mode="bilinear",
+                                             antialias=True, align_corners=False))
+        height, width = self.target
+        return tensor[:, :, self.top:self.top + height, self.left:self.left + width].contiguous()
+
+    def point_transform(self, source_height: int, source_width: int) -> tuple[float, float, float, float]:
+        """``(scale_x, scale_y, shift_x, shift_y)`` taking pixel coordinates of a
+        ``source_height x source_width`` frame to the output frame."""
+        scale_x = self.resized[1] / source_width
+        scale_y = self.resized[0] / source_height
+        return scale_x, scale_y, -self.left, -self.top
+
+
+# A face-reenactment hook: given driving frames float (F, 3, H, W) in [0, 1] and their faces,
+# return frames whose faces show the same expression on another identity (cross-identity
+# training condition); the default uses the driving face itself.
+FaceReenactor = Callable[[torch.Tensor, list, np.random.Generator], torch.Tensor]
+
+
+def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
+              face_reenactor: FaceReenactor | None = None) -> tuple[int, dict]:
+    """``(bucket index, sample dict)`` for one raw sample; raises :class:`BadSample`."""
+    key = raw.key
+    try:
+        meta = json.loads(raw.members[shards.META])
+        kind = meta["kind"]
+    except KeyError as error:
+        raise BadSample(key, f"metadata lacks {error}") from None
+    except ValueError as error:
+        raise BadSample(key, f"metadata is not JSON ({error})") from None
+    if kind not in shards.KINDS:
+        raise BadSample(key, f"kind {kind!r} is not one of {shards.KINDS}")
+    if shards.VIDEO not in raw.members:
+        raise BadSample(key, "no .mp4 member")
+    try:
+        video = open_video(raw.members[shards.VIDEO], key, spec.decode_threads)
+        count = len(video)
+        clip = sample_clip_indices(count, spec.num_frames, spec.frame_stride, rng)
+        if clip is None:
+            raise BadSample(key, f"too short: {count} frames < clip span {spec.span}")
+        reference_index = sample_reference_index(count, clip, spec.reference, rng)
+        wanted = np.unique(np.append(clip, reference_index))
+        decoded = read_frames(video, wanted, key, raw.members[shards.VIDEO])
+    except VideoDecodeError as error:
+        raise BadSample(key, str(error)) from None
+    position = {int(index): row for row, index in enumerate(wanted)}
+    source = decoded.shape[1:3]
+    bucket = choose_bucket(*source, spec.buckets)
+    geometry = ResizeCrop.plan(source, spec.buckets[bucket], spec.crop, rng)
+    # Samples travel from workers as uint8 (4x less inter-process traffic than float32);
+    # to_batch_contract() scales them in the main process.
+    video_frames = geometry.frames(decoded[[position[int(i)] for i in clip]])
+    sample = {
+        "video": video_frames,
+        "reference": geometry.frames(decoded[[position[reference_index]]])[0],
+        "is_scene": kind == "scene",
+        "__key__": key,
+    }
+    height, width = spec.buckets[bucket]
+    if kind == "scene":
+        sample["pose"] = torch.zeros(spec.num_frames, 3, height, width, dtype=torch.uint8)
+        if spec.with_face:
+            sample["face"] = torch.zeros(spec.num_frames, 6, height, width, dtype=torch.uint8)
+        return bucket, sample
+    sample["pose"] = _pose(raw, spec, clip, count, geometry)
+    if spec.with_face:
+        sample["face"] = _face(raw, key, clip, count, geometry, video_frames, face_reenactor, rng)
+    return bucket, sample
+
+
+def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
+          geometry: ResizeCrop) -> torch.Tensor:
+    key = raw.key
+    use_video = shards.POSE_VIDEO in raw.members and spec.pose_from in ("auto", "video")
+    use_keypoints = shards.POSE_KEYPOINTS in raw.members and spec.pose_from in ("auto", "keypoints")
+    if use_video:
+        try:
+            pose_video = open_video(raw.members[shards.POSE_VIDEO], f"{key}.pose.mp4", spec.decode_threads)
+            if len(pose_video) != count:
+                raise BadSample(key, f"pose/video frame-count mismatch: pose {len(pose_video)}, video {count}")
+            pose = read_frames(pose_video, clip, f"{key}.pose.mp4", raw.members[shards.POSE_VIDEO])
+        except VideoDecodeError as error:
+            raise BadSample(key, str(error)) from None
+        return geometry.frames(pose)
+    if use_keypoints:
+        try:
+            document = json.loads(raw.members[shards.POSE_KEYPOINTS])
+            keypoints = keypoints_from_json(document, f"{key}.pose.json")
+            source_height, source_width = int(document["height"]), int(document["width"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise BadSample(key, str(error)) from None
+        if len(keypoints) != count:
+            raise BadSample(key, f"pose/video frame-count mismatch: pose {len(keypoints)}, video {count}")
+        scale_x, scale_y, shift_x, shift_y = geometry.point_transform(source_height, source_width)
+        height, width = geometry.target
+        rendered = []
+        for index in clip:
+            points = keypoints[index].copy()
+            points[:, 0] = points[:, 0] * scale_x + shift_x
+            points[:, 1] = points[:, 1] * scale_y + shift_y
+            rendered.append(render_pose(points, height, width, no_head=True))
+        return torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).contiguous()
+    wanted = {"auto": "pose.mp4 or pose.json", "video": "pose.mp4", "keypoints": "pose.json"}[spec.pose_from]
+    raise BadSample(key, f"human clip has no {wanted} member")
+
+
+def _face(raw: shards.RawSample, key: str, clip: np.ndarray, count: int, geometry: ResizeCrop,
+          video_frames: torch.Tensor, face_reenactor: FaceReenactor | None,
+          rng: np.random.Generator) -> torch.Tensor:
+    faces: list[FaceFrame | None] = [None] * len(clip)
+    if shards.FACE in raw.members:
+        try:
+            document = json.loads(raw.members[shards.FACE])
+            track = face_track_from_json(document, f"{key}.face.json")
+            source_height, source_width = int(document["height"]), int(document["width"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise BadSample(key, str(error)) from None
+        if len(track) != count:
+            raise BadSample(key, f"face/video frame-count mismatch: face {len(track)}, video {count}")
+        transform = geometry.point_transform(source_height, source_width)
+        faces = [None if track[i] is None else track[i].transformed(*transform) for i in clip]
+    frames01 = video_frames.float() / 255.0
+    if face_reenactor is not None and any(face is not None for face in faces):
+        frames01 = face_reenactor(frames01, faces, rng)
+    return _to_uint8(s_face_maps(frames01, faces, SFaceGeometry()) * 255.0)
+
+
+def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+    return values.round().clamp_(0, 255).to(torch.uint8)
+
+
+def to_batch_contract(batch: dict) -> dict:
+    """uint8 batch from a worker -> the float32 batch contract: video and reference in
+    [-1, 1], pose and face in [0, 1] (an all-zero condition stays exactly zero)."""
+    for name in ("video", "reference"):
+        batch[name] = batch[name].float().div_(127.5).sub_(1.0)
+    for name in ("pose", "face"):
+        if name in batch:
+            batch[name] = batch[name].float().div_(255.0)
+    return batch
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples of one bucket into the batch contract of docs/design.md."""
+    batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0]
+             if isinstance(samples[0][name], torch.Tensor)}
+    batch["is_scene"] = torch.tensor([s["is_scene"] for s in samples], dtype=torch.bool)
+    batch["__key__"] = [s["__key__"] for s in samples]
+    return batch

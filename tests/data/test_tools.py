@@ -1,0 +1,117 @@
+"""The xdyna-data command: synth, pack (with quarantine), inspect, and the load round trip."""
+import json
+import os
+
+import numpy as np
+
+from datapipes import shards
+from datapipes.loader import build_clip_loader
+from datapipes.synthetic import human_clip
+from datapipes.video import encode_mp4
+from tests.data.conftest import loader_config
+from tools.xdyna_data import main
+
+
+def test_synth_writes_mixed_shards_deterministically(tmp_path, capsys):
+    args = ["--human", "3", "--scene", "2", "--frames", "6", "--height", "64", "--width", "32", "--shard-size", "2"]
+    assert main(["synth", "--out", str(tmp_path / "a"), *args]) == 0
+    assert "3 human + 2 scene" in capsys.readouterr().out
+    assert main(["synth", "--out", str(tmp_path / "b"), *args]) == 0
+    first, second = (sorted(os.listdir(tmp_path / d)) for d in "ab")
+    assert first == second == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
+    reader = shards.TarSampleReader(shards.expand_shard_urls(str(tmp_path / "a")))
+    samples = [s for i in range(3) for s in reader.iter_shard(i)]
+    kinds = {s.key: s.meta()["kind"] for s in samples}
+    assert sorted(kinds.values()) == ["human"] * 3 + ["scene"] * 2
+    for sample in samples:
+        expected = {"mp4", "json"} | ({"pose.mp4", "pose.json", "face.json"} if kinds[sample.key] == "human" else set())
+        assert set(sample.members) == expected
+    # refuses to mix into an existing shard set
+    assert main(["synth", "--out", str(tmp_path / "a"), *args]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_synthetic_person_moves_and_its_skeleton_matches():
+    clip = human_clip(seed=3, frames=8, height=128, width=64)
+    assert clip["video"].shape == (8, 128, 64, 3) and clip["pose"].shape == (8, 128, 64, 3)
+    wrists = clip["keypoints"][:, [4, 7], :2]
+    assert np.ptp(wrists, axis=0).max() > 3                  # limbs move over time
+    for t in (0, 7):
+        x, y = clip["keypoints"][t, 10, :2].round().astype(int)   # right ankle
+        assert clip["pose"][t, y, x].max() > 0                     # skeleton drawn there
+    assert clip["pose"][:, : int(clip["keypoints"][:, 1, 1].min()) - 3].max() == 0   # head-less
+
+
+def _write_inputs(folder):
+    """Good clips plus every kind of bad input; returns the bad ones with expected reasons."""
+    folder.mkdir()
+    for index in range(3):
+        clip = human_clip(seed=index, frames=20, height=64, width=64)
+        encoded = encode_mp4(clip["video"], 8)
+        (folder / f"good{index}.mp4").write_bytes(encoded)
+        (folder / f"good{index}.pose.mp4").write_bytes(encode_mp4(clip["pose"], 8))
+    clip = human_clip(seed=9, frames=20, height=64, width=64)
+    pose = encode_mp4(clip["pose"], 8)
+    video = encode_mp4(clip["video"], 8)
+    (folder / "truncated.mp4").write_bytes(video[: len(video) // 2])
+    (folder / "truncated.pose.mp4").write_bytes(pose)
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "zero.pose.mp4").write_bytes(pose)
+    (folder / "text.mp4").write_bytes(b"this is not a video\n" * 50)
+    (folder / "text.pose.mp4").write_bytes(pose)
+    (folder / "mismatch.mp4").write_bytes(video)
+    (folder / "mismatch.pose.mp4").write_bytes(encode_mp4(clip["pose"][:12], 8))
+    short = human_clip(seed=10, frames=6, height=64, width=64)
+    (folder / "short.mp4").write_bytes(encode_mp4(short["video"], 8))
+    (folder / "short.pose.mp4").write_bytes(encode_mp4(short["pose"], 8))
+    (folder / "nopose.mp4").write_bytes(video)
+    return {"truncated": "cannot decode", "zero": "zero bytes", "text": "cannot decode",
+            "mismatch": "frame-count mismatch", "short": "too short", "nopose": "no pose"}
+
+
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_pack_inspect_load_round_trip_with_quarantine(tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    expected_rejects = _write_inputs(inputs)
+    before = _snapshot(inputs)
+    out = tmp_path / "packed"
+    assert main(["pack", str(inputs), "--out", str(out), "--workers", "2", "--shard-size", "2",
+                 "--min-frames", "16", "--license", "CC0-1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "packed 3 clip(s)" in printed and "rejected 6" in printed
+    assert _snapshot(inputs) == before                      # sources never touched
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    reasons = {os.path.basename(entry["input"]["video"])[:-4]: entry["reason"] for entry in quarantine}
+    assert reasons.keys() == expected_rejects.keys()
+    for key, fragment in expected_rejects.items():
+        assert fragment in reasons[key], (key, reasons[key])
+
+    assert main(["inspect", str(out), "--json", "--verify", "full", "--workers", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 3 and report["kinds"] == {"human": 3} and report["failures"] == []
+    assert report["resolutions"] == {"64x64": 3} and report["frames"] == 60
+
+    cfg = loader_config(str(out), resample=False, height=64, width=64, batch_size=1, num_frames=8, frame_stride=2)
+    keys = sorted(k for batch in build_clip_loader(cfg, 0, 1) for k in batch["__key__"])
+    assert keys == ["good0", "good1", "good2"]
+
+
+def test_inspect_reports_a_corrupt_sample(tmp_path, capsys, portrait_shards):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    sample = shards.TarSampleReader([shards.expand_shard_urls(portrait_shards)[0]]).read(0, 0)[0]
+    members = dict(sample.members, mp4=sample.members["mp4"][:300])
+    with shards.ShardSink(str(broken), "b") as sink:
+        sink.write({"__key__": sample.key, **members})
+    assert main(["inspect", str(broken), "--workers", "1"]) == 1
+    assert f"{sample.key}" in capsys.readouterr().out
+
+
+def test_pack_from_manifest_names_bad_lines(tmp_path, capsys):
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text('{"video": "a.mp4"}\n{"vid": "b.mp4"}\n')
+    assert main(["pack", str(manifest), "--out", str(tmp_path / "o")]) == 2
+    assert "list.jsonl:2" in capsys.readouterr().err
