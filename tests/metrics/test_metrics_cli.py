@@ -1,0 +1,127 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from datapipes.video import encode_mp4
+from xdyna.metrics.cli import main
+from xdyna.metrics.validation import validation_metrics
+
+# disco_lpips is checked against torchmetrics in the fidelity tests, and FG/BG go through one
+# region parameter for every backbone (exercised here with the cheap tiny I3D): leaving out
+# disco_lpips and fg_/bg_fid only saves CPU time on this 2-core machine.
+VIDEO_METRICS = "l1,psnr,ssim,lpips,disco_l1,disco_psnr,disco_ssim,fid,fvd,dtfvd,fg_dtfvd,bg_dtfvd,cd_fvd"
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def finished_run(eval_folders, tiny_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["--pred", str(eval_folders["pred"]), "--gt", str(eval_folders["gt"]), "--masks", str(eval_folders["masks"]),
+                 "--metrics", VIDEO_METRICS, "--weights", str(tiny_manifest), "--clip-frames", "4", "--bootstrap", "5",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_run_writes_json_markdown_and_plot(finished_run):
+    report = json.loads((finished_run / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert set(metrics) == {"l1", "psnr", "ssim", "lpips", "disco_l1", "disco_psnr", "disco_ssim", "fid",
+                            "fvd", "dtfvd", "fg_dtfvd", "bg_dtfvd", "cd_fvd"}
+    assert metrics["psnr"]["frames"] == 24 and 15 < metrics["psnr"]["mean"] < 40
+    assert metrics["fid"]["n_pred"] == 24 and metrics["dtfvd"]["n_pred"] == 6  # 3 videos x 2 clips of 4 frames
+    for name in ("fid", "dtfvd", "fg_dtfvd", "bg_dtfvd", "fvd", "cd_fvd"):
+        assert metrics[name]["value"] >= 0 and len(metrics[name]["ci"]) == 2
+    # FG and BG see different pixels, so their distances differ from each other and from the full frame
+    assert len({metrics["dtfvd"]["value"], metrics["fg_dtfvd"]["value"], metrics["bg_dtfvd"]["value"]}) == 3
+    assert metrics["fg_dtfvd"]["region"] == "fg" and report["protocol"]["masks"] == "mask videos"
+    assert set(report["weights"]) == {"inception_fid", "i3d_kinetics", "i3d_dtdb", "videomae_v2", "vgg16_imagenet"}
+    assert set(report["per_video"]) == {"clip0", "clip1", "clip2"}
+    table = (finished_run / "metrics.md").read_text()
+    assert "| fg_dtfvd ↓ |" in table and "N pred 6" in table
+    assert (finished_run / "metrics.png").stat().st_size > 1000
+
+
+def test_compare_prints_both_runs_side_by_side(finished_run, tmp_path, capsys):
+    report = json.loads((finished_run / "metrics.json").read_text())
+    report["metrics"]["psnr"]["mean"] += 1.0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(report))
+    code, out, _ = _run(["--compare", str(finished_run / "metrics.json"), str(other)], capsys)
+    assert code == 0
+    psnr_row = next(line for line in out.splitlines() if line.startswith("| psnr |"))
+    assert psnr_row.endswith("| 1 |") and "*" in psnr_row.split("|")[3]  # b is better and marked
+
+
+def _error_of(argv, capsys):
+    code, _, err = _run(argv + ["--quiet", "--metrics", "psnr"], capsys)
+    assert code == 2
+    return err
+
+
+def test_mismatched_frame_counts_and_sizes_are_clear_errors(eval_folders, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    shutil.copytree(eval_folders["pred"], pred)
+    short = np.zeros((5, 96, 64, 3), np.uint8)
+    (pred / "clip1.mp4").write_bytes(encode_mp4(short, 8))
+    err = _error_of(["--pred", str(pred), "--gt", str(eval_folders["gt"]), "--out", str(tmp_path / "o")], capsys)
+    assert "'clip1': prediction has 5 frames, ground truth 8" in err
+    (pred / "clip1.mp4").write_bytes(encode_mp4(np.zeros((8, 64, 64, 3), np.uint8), 8))
+    err = _error_of(["--pred", str(pred), "--gt", str(eval_folders["gt"]), "--out", str(tmp_path / "o")], capsys)
+    assert "'clip1': prediction is 64x64, ground truth 96x64" in err
+
+
+def test_empty_folder_unreadable_video_and_unmatched_names(eval_folders, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "--pred folder" in _error_of(["--pred", str(empty), "--gt", str(eval_folders["gt"])], capsys)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "clip0.mp4").write_bytes(b"not an mp4 at all")
+    err = _error_of(["--pred", str(broken), "--gt", str(eval_folders["gt"])], capsys)
+    assert "cannot read video" in err and "clip0.mp4" in err
+    (broken / "clip0.mp4").unlink()
+    (broken / "stranger.mp4").write_bytes(encode_mp4(np.zeros((8, 96, 64, 3), np.uint8), 8))
+    assert "no ground truth" in _error_of(["--pred", str(broken), "--gt", str(eval_folders["gt"])], capsys)
+
+
+def test_missing_weights_is_a_clear_error(eval_folders, tmp_path, capsys):
+    code, _, err = _run(["--pred", str(eval_folders["pred"]), "--gt", str(eval_folders["gt"]), "--metrics", "dtfvd",
+                         "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "'i3d_dtdb'" in err and "I3D_16.pth.tar" in err
+
+
+def test_frame_folders_work_like_videos(eval_folders, tmp_path, tiny_manifest, capsys):
+    from PIL import Image
+
+    from xdyna.metrics.sources import VideoSource
+
+    frames_dir = tmp_path / "pred" / "clip0"
+    frames_dir.mkdir(parents=True)
+    video = VideoSource(eval_folders["pred"] / "clip0.mp4").read(0, 8)
+    for index, frame in enumerate(video.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(frame).save(frames_dir / f"{index:04d}.png")
+    code, out, _ = _run(["--pred", str(tmp_path / "pred"), "--gt", str(eval_folders["gt"]), "--metrics", "psnr,l1",
+                         "--quiet", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["metrics"]["psnr"]["frames"] == 8
+
+
+def test_validation_metrics_on_training_tensors():
+    generator = torch.Generator().manual_seed(0)
+    gt = torch.rand(2, 3, 3, 32, 32, generator=generator) * 2 - 1
+    pred = (gt + 0.05 * torch.randn(gt.shape, generator=generator)).clamp(-1, 1)
+    values = validation_metrics(pred, gt)
+    assert set(values) == {"val/psnr", "val/ssim"}
+    assert 25 < values["val/psnr"] < 40 and 0.5 < values["val/ssim"] < 1
+    with pytest.raises(ValueError, match="one shape"):
+        validation_metrics(pred, gt[:, :2])

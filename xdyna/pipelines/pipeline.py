@@ -1,0 +1,425 @@
+"""``XDynaPipeline``: reference image + driving conditions -> video, diffusers-style.
+
+    pipe = XDynaPipeline.from_pretrained("xdyna-sd15/", device="cuda", dtype=torch.float16)
+    video = pipe(reference, pose, face, seed=0)         # tensors, see __call__
+    pipe.save_pretrained("copy/")
+
+A pipeline folder holds every component (``unet/``, ``vae/``, ``pose_controlnet/``, ``image_prompt/``,
+``face_controlnet/``: ``config.json`` + ``diffusion_pytorch_model.safetensors``), the scheduler
+config, the non-persistent buffers (e.g. the constant empty-prompt encoding) and ``xdyna_pipeline.json`` (format and model config),
+so it loads with no other weights and no text encoder. Training checkpoints (``xdyna-train``'s
+``.ckpt``, trainable weights only) load with :meth:`XDynaPipeline.from_checkpoints` on top of the
+frozen base weights their model config names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file, save_file
+
+from ..diffusion import sampling_scheduler
+from ..models import ModelConfig, XDynaModel, build_model
+from ..models.flavours import get_flavour
+from .context import ContextOptions
+from .checks import InputError, require_file
+from .sampling import denoise_latents, encode_image_prompt, initial_latents, model_has_image_prompt
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILE = "xdyna_pipeline.json"
+PIPELINE_FORMAT = "xdyna-pipeline"
+PIPELINE_VERSION = 1
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# Non-persistent buffers (the empty-prompt encoding, CLIP's pixel statistics and position ids, ...)
+# are not in any state dict but the model needs them; they are stored here by their full names.
+BUFFERS_FILE = "buffers.safetensors"
+# The UNet's spatial size must halve cleanly three times in latent space (8x VAE, 3 downsamples).
+SIZE_MULTIPLE = 64
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class PipelineFormatError(InputError):
+    """A pipeline folder or checkpoint that does not hold what it should."""
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        raise InputError("fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    return dtype
+
+
+@dataclass
+class Animation:
+    """A generated video: ``frames uint8 (F, H, W, 3)`` (or ``(B, F, H, W, 3)`` for a batch)."""
+
+    frames: np.ndarray
+    fps: float | None
+    guidance_applied: bool
+    seed: int | None
+
+
+def _state_dict_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+
+
+def _describe(keys: Sequence[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:4]) + (f" ... (+{len(keys) - 4})" if len(keys) > 4 else "")
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Unpickles only what torch's ``weights_only`` loader allows, plus Lightning's
+    ``AttributeDict`` (read as a plain dict): xdyna-train checkpoints keep their hyper-parameters
+    in one, which ``weights_only`` rejects, and a checkpoint must never run code on load."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("lightning.fabric.utilities.data", "AttributeDict"):
+            return dict
+        allowed = _allowed_globals()
+        if f"{module}.{name}" in allowed:
+            return allowed[f"{module}.{name}"]
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
+
+
+def _allowed_globals() -> dict:
+    from torch import _weights_only_unpickler  # torch's own allow-list of tensor-rebuilding globals
+
+    return _weights_only_unpickler._get_allowed_globals()
+
+
+_checkpoint_pickle = SimpleNamespace(Unpickler=_CheckpointUnpickler, load=lambda f, **kw: _CheckpointUnpickler(f, **kw).load(),
+                                     __name__="xdyna_checkpoint_pickle")
+
+
+def _load_lightning_checkpoint(file: Path) -> dict:
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            payload = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
+        except Exception as error:  # unpickling raises many types; the file is the culprit either way
+            raise PipelineFormatError(f"checkpoint {str(file)!r} is not a readable torch checkpoint ({str(error).splitlines()[0][:200]})") from None
+    except Exception as error:
+        raise PipelineFormatError(f"checkpoint {str(file)!r} is not a readable torch checkpoint ({str(error).splitlines()[0][:200]})") from None
+    if not isinstance(payload, Mapping):
+        raise PipelineFormatError(f"checkpoint {str(file)!r} holds a {type(payload).__name__}, expected a dict")
+    return dict(payload)
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """``(model weights, model config or None)`` of an ``xdyna-train`` checkpoint file.
+
+    Weight names are those of :class:`XDynaModel` (the LightningModule's ``model.`` prefix is
+    removed). A folder is refused with the reason: DeepSpeed writes sharded checkpoint folders
+    that must first be consolidated into one file.
+    """
+    file = Path(path).expanduser()
+    if file.is_dir():
+        if (file / PIPELINE_FILE).exists():
+            raise InputError(f"checkpoint {str(file)!r} is a pipeline folder: load it as pretrained, not as a checkpoint")
+        raise InputError(
+            f"checkpoint {str(file)!r} is a folder, expected a .ckpt file (a DeepSpeed checkpoint folder must first be "
+            "consolidated into one file, e.g. with Lightning's convert_zero_checkpoint_to_fp32_state_dict)"
+        )
+    file = require_file(file, "checkpoint")
+    payload = _load_lightning_checkpoint(file)
+    state = payload.get("state_dict", payload)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineFormatError(f"checkpoint {str(file)!r} has no state_dict of tensors")
+    weights = {(name[len("model."):] if name.startswith("model.") else name): tensor for name, tensor in state.items()}
+    hyper = payload.get("hyper_parameters") or {}
+    model_config = dict(hyper["model"]) if isinstance(hyper, Mapping) and isinstance(hyper.get("model"), Mapping) else None
+    return weights, model_config
+
+
+class XDynaPipeline:
+    """Inference for one :class:`XDynaModel`; see the module docstring."""
+
+    def __init__(self, model: XDynaModel, scheduler: DDIMScheduler | None = None):
+        self.model = model.eval()
+        self.scheduler = scheduler if scheduler is not None else sampling_scheduler()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.prompt_embeds.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.unet.dtype
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        flavour = get_flavour(self.model.config.flavour)
+        return flavour.default_height, flavour.default_width
+
+    @property
+    def has_face_controlnet(self) -> bool:
+        return self.model.face_controlnet is not None
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "XDynaPipeline":
+        device = device if device is not None else self.device
+        if dtype is not None:
+            self.model.to(device=device, dtype=resolve_dtype(dtype, device))
+        else:
+            self.model.to(device=device)
+        return self
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """Every sub-network of the model (UNet, VAE, ControlNets, image prompt, ReferenceNet,
+        whichever this model config has), each saved in its own folder."""
+        return dict(self.model.named_children())
+
+    # ------------------------------------------------------------------ building and loading
+    @classmethod
+    def from_config(cls, config: ModelConfig | Mapping[str, Any], device="cpu", dtype="fp32") -> "XDynaPipeline":
+        """Build from a model config: base weights from its local folders, the rest initialised
+        as at the start of training (random for the ``tiny`` flavour without folders)."""
+        if not isinstance(config, ModelConfig):
+            config = ModelConfig.from_mapping(config)
+        # Inference never back-propagates: recomputation would only cost time.
+        config = replace(config, gradient_checkpointing=False)
+        return cls(build_model(config)).to(device, dtype)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Sequence[str | Path],
+        config: ModelConfig | Mapping[str, Any] | None = None,
+        device="cpu",
+        dtype="fp32",
+    ) -> "XDynaPipeline":
+        """Base model from ``config`` (default: the first checkpoint's own model config), then the
+        weights of every checkpoint in order (e.g. stage 1, then stage 2's S-Face ControlNet)."""
+        if not checkpoints:
+            raise InputError("from_checkpoints needs at least one checkpoint")
+        loaded = [(Path(path), *read_training_checkpoint(path)) for path in checkpoints]
+        if config is None:
+            config = loaded[0][2]
+            if config is None:
+                raise PipelineFormatError(f"checkpoint {str(loaded[0][0])!r} carries no model config: give the model config")
+        pipeline = cls.from_config(config, device="cpu", dtype="fp32")
+        for path, weights, _ in loaded:
+            pipeline.load_weights(weights, source=str(path))
+        return pipeline.to(device, dtype)
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor], source: str = "<weights>") -> list[str]:
+        """Copy ``weights`` (names of :class:`XDynaModel`, any subset) into the model; every name
+        must exist with the same shape. Returns the components they touched."""
+        own = self.model.state_dict()
+        unknown = [name for name in weights if name not in own]
+        mismatched = [name for name in weights if name in own and own[name].shape != weights[name].shape]
+        if unknown or mismatched:
+            problems = []
+            if unknown:
+                problems.append(f"{len(unknown)} unknown weight(s): {_describe(unknown)}")
+            if mismatched:
+                problems.append(f"{len(mismatched)} shape mismatch(es): {_describe(mismatched)}")
+            raise PipelineFormatError(f"{source} does not fit this model ({self.model.config.flavour}): " + "; ".join(problems))
+        if not weights:
+            raise PipelineFormatError(f"{source} holds no weights")
+        self.model.load_state_dict(dict(weights), strict=False)
+        names = set(weights)
+        touched = [component for component, params in self.model.component_parameters().items() if any(n in names for n, _ in params)]
+        log.info("loaded %d tensors from %s (%s)", len(weights), source, ", ".join(touched) or "frozen weights only")
+        return touched
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write every component, the scheduler and the model config to ``folder``."""
+        folder = Path(folder).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"save_pretrained: {str(folder)!r} is a file, expected a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, module in self.components().items():
+            (folder / name).mkdir(exist_ok=True)
+            if hasattr(module, "save_config"):  # diffusers models; the image prompt is configured by the model config
+                module.save_config(folder / name)
+            save_file(_state_dict_of(module), folder / name / WEIGHTS_FILE)
+        persistent = set(self.model.state_dict())
+        extra = {name: buffer.detach().contiguous().cpu() for name, buffer in self.model.named_buffers() if name not in persistent}
+        save_file(extra, folder / BUFFERS_FILE)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        config = asdict(self.model.config)
+        # Base-weight folders are baked into the saved components: the copy stands alone.
+        config["pretrained"] = {key: None for key in config["pretrained"]}
+        manifest = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "model_config": config,
+                    "components": sorted(self.components())}
+        (folder / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device="cpu", dtype="fp32") -> "XDynaPipeline":
+        """Load a folder written by :meth:`save_pretrained`; every component must be present
+        and match the recorded architecture exactly."""
+        folder = Path(folder).expanduser()
+        if not folder.exists():
+            raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} does not exist")
+        if not folder.is_dir():
+            raise PipelineFormatError(
+                f"pretrained pipeline {str(folder)!r} is a file, expected a folder written by save_pretrained "
+                "(a training .ckpt loads as a checkpoint)"
+            )
+        manifest_file = folder / PIPELINE_FILE
+        if not manifest_file.is_file():
+            raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} lacks {PIPELINE_FILE}: not a folder written by save_pretrained")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            if manifest.get("format") != PIPELINE_FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r} is not {PIPELINE_FORMAT!r}")
+            if manifest.get("version") != PIPELINE_VERSION:
+                raise ValueError(f"version {manifest.get('version')!r}, this code reads {PIPELINE_VERSION}")
+            config = ModelConfig.from_mapping(manifest["model_config"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise PipelineFormatError(f"{str(manifest_file)!r} is unreadable ({error})") from None
+        # The architecture comes from the config, the weights from the files: build without memory.
+        model = build_model(replace(config, gradient_checkpointing=False), device="meta")
+        pipeline = cls(model)
+        expected = set(pipeline.components())
+        if set(manifest.get("components", [])) != expected:
+            raise PipelineFormatError(f"{str(manifest_file)!r} lists components {manifest.get('components')}, the model config needs {sorted(expected)}")
+        for name, module in pipeline.components().items():
+            weights_file = folder / name / WEIGHTS_FILE
+            if not weights_file.is_file():
+                raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} lacks {name}/{WEIGHTS_FILE}")
+            state = load_file(weights_file)
+            own = module.state_dict()
+            missing, unknown = set(own) - set(state), set(state) - set(own)
+            mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+            if missing or unknown or mismatched:
+                raise PipelineFormatError(
+                    f"{str(weights_file)!r} does not match the {name} of a {config.flavour} model: "
+                    f"missing {_describe(missing) or '-'}; unknown {_describe(unknown) or '-'}; shape mismatch {_describe(mismatched) or '-'}"
+                )
+            module.load_state_dict(state, strict=True, assign=True)
+        buffers_file = folder / BUFFERS_FILE
+        if not buffers_file.is_file():
+            raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} lacks {BUFFERS_FILE}")
+        for name, tensor in load_file(buffers_file).items():
+            owner, _, attribute = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if attribute not in module._buffers:
+                raise PipelineFormatError(f"{str(buffers_file)!r}: {name} is not a buffer of a {config.flavour} model")
+            module._buffers[attribute] = tensor
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} left tensors unloaded: {_describe(leftover)}")
+        scheduler_folder = folder / "scheduler"
+        if scheduler_folder.is_dir():
+            pipeline.scheduler = DDIMScheduler.from_pretrained(scheduler_folder)
+        return pipeline.to(device, dtype)
+
+    # ------------------------------------------------------------------ generation
+    def _check_inputs(self, reference: torch.Tensor, pose: torch.Tensor, face: torch.Tensor | None) -> None:
+        if reference.ndim != 4 or reference.shape[1] != 3:
+            raise InputError(f"reference must be (3, H, W) or (B, 3, H, W), got {tuple(reference.shape)}")
+        if pose.ndim != 5 or pose.shape[2] != 3:
+            raise InputError(f"pose must be (F, 3, H, W) or (B, F, 3, H, W), got {tuple(pose.shape)}")
+        height, width = reference.shape[-2:]
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise InputError(f"output size {height}x{width} must be a multiple of {SIZE_MULTIPLE} in both height and width")
+        if pose.shape[0] != reference.shape[0] or tuple(pose.shape[-2:]) != (height, width):
+            raise InputError(f"pose {tuple(pose.shape)} does not match reference {tuple(reference.shape)} in batch or size")
+        if pose.shape[1] < 1:
+            raise InputError("pose has no frames")
+        if float(pose.min()) < -1e-3 or float(pose.max()) > 1 + 1e-3:
+            raise InputError("pose values must be in [0, 1] (rendered skeleton / 255)")
+        if face is not None:
+            if self.model.face_controlnet is None:
+                raise InputError("face maps given but this model has no S-Face ControlNet (model.face=none)")
+            if face.shape[:2] != pose.shape[:2] or face.shape[2] != 6 or face.shape[-2:] != pose.shape[-2:]:
+                raise InputError(f"face maps {tuple(face.shape)} must be (F, 6, H, W) matching pose {tuple(pose.shape)}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference: torch.Tensor,
+        pose: torch.Tensor,
+        face: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        context: ContextOptions | None = ContextOptions(),
+        initial_latent: str = "frame_similarity",
+        share_reference_features: bool = True,
+        decode_chunk: int = 16,
+        fps: float | None = None,
+        pose_scale: float | None = None,
+        face_scale: float | None = None,
+        progress: bool = False,
+    ) -> Animation:
+        """Animate ``reference (3, H, W)`` in [-1, 1] with ``pose (F, 3, H, W)`` and optional S-Face
+        ``face (F, 6, H, W)`` maps in [0, 1] (a leading batch dimension is accepted on all three).
+
+        ``seed`` (or a ``generator``) makes the video reproducible; guidance applies to the image
+        prompt and only when the model has one. ``pose_scale``/``face_scale`` override the
+        ControlNet scales of the model config for this call. Returns uint8 frames decoded
+        ``decode_chunk`` frames at a time.
+        """
+        if num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        unbatched = reference.ndim == 3
+        if unbatched:
+            reference, pose = reference.unsqueeze(0), pose.unsqueeze(0)
+            face = face.unsqueeze(0) if face is not None else None
+        self._check_inputs(reference, pose, face)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        device, dtype = self.device, self.dtype
+        reference = reference.to(device, dtype)
+        pose = pose.to(device, dtype)
+        face = face.to(device, dtype) if face is not None else None
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        reference_latents = self.model.encode_images(reference, sample_posterior=False)
+        image_prompt = encode_image_prompt(self.model, reference)
+        guided = image_prompt is not None and guidance_scale != 1.0
+        if guidance_scale != 1.0 and image_prompt is None:
+            log.info("guidance %.2g not applied: the model has no image prompt to guide on", guidance_scale)
+        latents = initial_latents(initial_latent, reference_latents, pose.shape[1], scheduler, generator)
+        config = self.model.config
+        saved_scales = config.pose_conditioning_scale, config.face_conditioning_scale
+        try:
+            if pose_scale is not None:
+                config.pose_conditioning_scale = pose_scale
+            if face_scale is not None:
+                config.face_conditioning_scale = face_scale
+            latents = denoise_latents(
+                self.model, latents, reference_latents, scheduler, pose=pose, face=face, image_prompt=image_prompt,
+                guidance_scale=guidance_scale, context=context, eta=eta, generator=generator,
+                share_reference_features=share_reference_features, progress=progress,
+            )
+        finally:
+            config.pose_conditioning_scale, config.face_conditioning_scale = saved_scales
+        frames = decode_to_uint8(self.model, latents, decode_chunk)
+        return Animation(frames=frames[0] if unbatched else frames, fps=fps, guidance_applied=guided, seed=seed)
+
+
+def decode_to_uint8(model: XDynaModel, latents: torch.Tensor, chunk: int = 16) -> np.ndarray:
+    """Latents ``(B, F, 4, h, w)`` -> ``uint8 (B, F, H, W, 3)`` on the CPU, ``chunk`` frames per
+    VAE call, so a long video never sits on the device in float32 pixels."""
+    if chunk < 1:
+        raise InputError(f"decode chunk must be >= 1, got {chunk}")
+    parts = []
+    for first in range(0, latents.shape[1], chunk):
+        video = model.decode_latents(latents[:, first : first + chunk].to(model.vae.dtype))
+        pixels = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        parts.append(pixels.permute(0, 1, 3, 4, 2).cpu())
+    return torch.cat(parts, dim=1).numpy()

@@ -1,0 +1,98 @@
+"""Writing an animation: the video, a side-by-side preview video and a PNG contact sheet."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datapipes.video import encode_mp4
+
+from .checks import InputError
+
+
+def to_uint8(frames: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
+    """``(..., 3, H, W)`` float in ``value_range`` -> ``uint8 (..., H, W, 3)``."""
+    low, high = value_range
+    scaled = ((frames.detach().float().cpu().clamp(low, high) - low) / (high - low) * 255).round().to(torch.uint8)
+    return scaled.movedim(-3, -1).numpy()
+
+
+def side_by_side(reference: np.ndarray, pose: np.ndarray, result: np.ndarray) -> np.ndarray:
+    """``reference | driving pose | result`` per frame: ``uint8 (F, H, 3W, 3)`` from a reference
+    ``(H, W, 3)`` and ``(F, H, W, 3)`` pose and result frames."""
+    frames = result.shape[0]
+    if pose.shape != result.shape or reference.shape != result.shape[1:]:
+        raise ValueError(f"preview panels differ in shape: {reference.shape}, {pose.shape}, {result.shape}")
+    return np.concatenate([np.broadcast_to(reference, (frames, *reference.shape)), pose, result], axis=2)
+
+
+def contact_sheet(panels: np.ndarray, columns: int = 8) -> np.ndarray:
+    """Up to ``columns`` evenly spaced frames of ``panels (F, H, W', 3)`` side by side, the first
+    and the last included: one image that shows the whole animation at a glance."""
+    count = panels.shape[0]
+    picks = np.unique(np.linspace(0, count - 1, min(columns, count)).round().astype(int))
+    # A thin dark gap between time steps keeps the panels of neighbouring frames apart.
+    gap = np.full((panels.shape[1], 2, 3), 32, dtype=np.uint8)
+    strips = []
+    for i, index in enumerate(picks):
+        strips.append(panels[index])
+        if i + 1 < len(picks):
+            strips.append(gap)
+    return np.concatenate(strips, axis=1)
+
+
+@dataclass
+class WrittenFiles:
+    video: Path
+    preview: Path | None
+    contact_sheet: Path | None
+
+
+def preview_paths(out: Path) -> tuple[Path, Path]:
+    """``out.mp4`` -> ``out.preview.mp4``, ``out.contact.png``."""
+    return out.with_suffix(".preview.mp4"), out.with_suffix(".contact.png")
+
+
+def check_output_path(out: str | Path) -> Path:
+    """The output video path: an ``.mp4`` whose folder exists (or can be made), not a folder."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise InputError(f"output {str(path)!r} is a folder, expected an .mp4 file path")
+    if path.suffix.lower() != ".mp4":
+        raise InputError(f"output {str(path)!r} must end in .mp4")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(f"output folder {str(path.parent)!r} is a file")
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # A reader (or a crash) never sees half a file under the final name.
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
+def write_animation(out: str | Path, frames: np.ndarray, fps: float, reference: np.ndarray | None = None,
+                    pose: np.ndarray | None = None, preview: bool = True) -> WrittenFiles:
+    """Write ``frames uint8 (F, H, W, 3)`` to ``out`` at ``fps``; with ``preview`` (and the
+    reference ``(H, W, 3)`` and pose ``(F, H, W, 3)`` as uint8) also the side-by-side video and the
+    contact sheet beside it."""
+    path = check_output_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, encode_mp4(frames, fps))
+    if not preview:
+        return WrittenFiles(path, None, None)
+    if reference is None or pose is None:
+        raise ValueError("a preview needs the reference and the pose frames")
+    panels = side_by_side(reference, pose, frames)
+    preview_video, sheet = preview_paths(path)
+    _write_atomically(preview_video, encode_mp4(panels, fps))
+    temporary = sheet.with_name(f".{sheet.name}.partial-{os.getpid()}")
+    Image.fromarray(contact_sheet(panels)).save(temporary, format="PNG")
+    temporary.replace(sheet)
+    return WrittenFiles(path, preview_video, sheet)
