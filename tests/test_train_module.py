@@ -102,3 +102,26 @@ def test_uint8_batches_mean_the_same_as_float_batches():
     assert out["is_scene"] is raw["is_scene"]
     floats = {"video": torch.tensor([0.5])}
     assert to_float_batch(floats)["video"] is floats["video"]  # float batches pass through untouched
+
+
+@pytest.mark.parametrize(
+    "model_overrides, trainable",
+    [
+        ({"image_prompt": True}, ["dynamics_adapter", "motion_modules", "pose_controlnet"]),
+        ({"reference": "ip_adapter", "image_prompt": True}, ["image_prompt", "motion_modules", "pose_controlnet"]),
+    ],
+    ids=["xdyna-with-image-prompt", "w_ipa"],
+)
+def test_image_prompt_models_train_and_sample(model_overrides, trainable, make_batch):
+    from xdyna.pipelines import sample_clip
+
+    stage = stage_config("stage1", lr=1e-3, warmup_steps=1)
+    stage["trainable"] = trainable
+    module = XDynaTrainingModule(model=tiny_model_config(**model_overrides), stage=stage)
+    batch = make_batch(batch=1, frames=2, face=False)
+    loss = module.diffusion_loss(batch)
+    loss.backward()
+    groups = module.model.component_parameters()
+    assert all(p.grad is not None for name in trainable for _, p in groups[name])
+    video = sample_clip(module.model, batch["reference"], batch["pose"], num_inference_steps=2)
+    assert video.shape == batch["video"].shape and torch.isfinite(video).all()

@@ -7,9 +7,19 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 
-REFERENCE_VARIANTS = ("dynamics_adapter",)
-FACE_VARIANTS = ("sface", "none")
+# How the reference image enters the network (the paper's Table 4):
+#   dynamics_adapter  X-Dyna: residual attention on the reference's K/V in every spatial self-attention
+#   reference_net     AnimateAnyone-style trainable UNet copy, its tokens concatenated to the K/V
+#   ip_adapter        the image prompt only (no spatial reference path)
+REFERENCE_VARIANTS = ("dynamics_adapter", "reference_net", "ip_adapter")
+# How the face expression enters: the 6-channel S-Face ControlNet, landmarks drawn into the pose
+# skeleton (no face network; the data draws them), or not at all.
+FACE_VARIANTS = ("sface", "landmarks_in_pose", "none")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+# GroupNorm statistics: computed per frame, or across the frames of a sample (AnimateDiff v1 and
+# the X-Dyna release normalise the UNet's ResNets over all frames; diffusers' motion modules
+# normalise over all frames while the original AnimateDiff code normalises them per frame).
+GROUPNORM_STATISTICS = ("per_frame", "across_frames")
 
 
 @dataclass
@@ -17,12 +27,22 @@ class PretrainedPaths:
     """Local folders/files of real weights. ``None`` means random init (tiny flavour, tests).
 
     Nothing is ever downloaded: every path is given by the user, and a missing one is an error.
+    Later entries are applied after earlier ones (the X-Dyna checkpoints and our own component
+    files override what the base folders gave).
     """
 
     sd15: str | None = None  # diffusers-format SD1.5 folder: unet/, vae/, text_encoder/, tokenizer/
+    vae: str | None = None  # diffusers AutoencoderKL folder replacing sd15/vae (e.g. sd-vae-ft-mse)
     motion_adapter: str | None = None  # diffusers MotionAdapter folder
+    motion_module: str | None = None  # original AnimateDiff motion-module file (mm_sd_v15.ckpt, .safetensors)
     pose_controlnet: str | None = None  # diffusers ControlNet folder (e.g. SD1.5 openpose)
     face_controlnet: str | None = None  # diffusers ControlNet folder (6-channel S-Face)
+    image_encoder: str | None = None  # diffusers/transformers CLIPVisionModelWithProjection folder (ViT-H/14)
+    ip_adapter: str | None = None  # original IP-Adapter-plus file (ip-adapter-plus_sd15.bin / .safetensors)
+    xdyna_unet: str | None = None  # released X-Dyna UNet pickle (SD UNet + motion + adapter [+ IP])
+    xdyna_pose_controlnet: str | None = None  # released X-Dyna pose ControlNet pickle
+    xdyna_face_controlnet: str | None = None  # released X-Dyna S-Face ControlNet pickle
+    components: dict[str, str] | None = None  # {component: our exported .safetensors}, applied last
 
 
 @dataclass
@@ -31,6 +51,11 @@ class ModelConfig:
     pretrained: PretrainedPaths = field(default_factory=PretrainedPaths)
     reference: str = "dynamics_adapter"
     face: str = "sface"
+    image_prompt: bool = False  # IP-Adapter-plus tokens in every cross-attention (X-Dyna: on)
+    image_prompt_scale: float = 1.0
+    image_prompt_dropout: float = 0.05  # P(blank image prompt) per training sample, for CFG
+    resnet_groupnorm: str = "per_frame"  # across_frames = AnimateDiff v1 / X-Dyna release
+    motion_groupnorm: str = "across_frames"  # diffusers' layout; per_frame = original AnimateDiff code
     attention_backend: str = "sdpa"
     max_attention_batch: int = 65535
     gradient_checkpointing: bool = False
@@ -42,6 +67,9 @@ class ModelConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
         values = dict(values)
+        # A Hydra defaults list is composition metadata (present when a model file is read with
+        # OmegaConf.load instead of composed), not a model setting.
+        values.pop("defaults", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -59,10 +87,34 @@ class ModelConfig:
         if isinstance(self.pretrained, Mapping):
             self.pretrained = PretrainedPaths(**self.pretrained)
 
+    @property
+    def reference_component(self) -> str:
+        """The trainable component that carries the reference image in this variant."""
+        return {"dynamics_adapter": "dynamics_adapter", "reference_net": "reference_net", "ip_adapter": "image_prompt"}[
+            self.reference
+        ]
+
     def validate(self) -> None:
-        if self.reference not in REFERENCE_VARIANTS:
-            raise ConfigError(f"model.reference={self.reference!r}; choose one of {REFERENCE_VARIANTS}")
-        if self.face not in FACE_VARIANTS:
-            raise ConfigError(f"model.face={self.face!r}; choose one of {FACE_VARIANTS}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"model.attention_backend={self.attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+        def choose(key: str, value: str, options: tuple[str, ...]) -> None:
+            if value not in options:
+                raise ConfigError(f"model.{key}={value!r}; choose one of {options}")
+
+        choose("reference", self.reference, REFERENCE_VARIANTS)
+        choose("face", self.face, FACE_VARIANTS)
+        choose("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        choose("resnet_groupnorm", self.resnet_groupnorm, GROUPNORM_STATISTICS)
+        choose("motion_groupnorm", self.motion_groupnorm, GROUPNORM_STATISTICS)
+        if self.reference == "ip_adapter" and not self.image_prompt:
+            raise ConfigError("model.reference=ip_adapter needs model.image_prompt=true (the image prompt is the only reference path)")
+        if not 0.0 <= self.image_prompt_dropout < 1.0:
+            raise ConfigError(f"model.image_prompt_dropout={self.image_prompt_dropout}; expected a probability in [0, 1)")
+        paths = self.pretrained
+        if paths.motion_adapter is not None and paths.motion_module is not None:
+            raise ConfigError("model.pretrained: give motion_adapter (diffusers folder) or motion_module (original file), not both")
+        if paths.ip_adapter is not None and not self.image_prompt:
+            raise ConfigError("model.pretrained.ip_adapter is set but model.image_prompt=false")
+        if paths.xdyna_face_controlnet is not None and self.face != "sface":
+            raise ConfigError(f"model.pretrained.xdyna_face_controlnet is set but model.face={self.face!r} has no S-Face ControlNet")
+        if self.resnet_groupnorm == "across_frames" and self.reference == "reference_net":
+            raise ConfigError("model.resnet_groupnorm=across_frames is an import option of the one-pass X-Dyna formulation; "
+                              "the reference_net variant has no such formulation")

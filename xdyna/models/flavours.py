@@ -3,7 +3,7 @@
 ``sd15`` is Stable Diffusion 1.5 with AnimateDiff-v1 motion modules, the size X-Dyna trains at.
 ``tiny`` keeps every structural feature of ``sd15`` (4 resolutions, 3 cross-attention down blocks +
 1 plain, 2 layers per block, so 16 spatial self-attentions and 20 motion modules, 8 motion heads,
-max 24 positions, an 8x VAE) at channel widths that run a training step in well under a second on
+max 24 positions, an 8x VAE, a ViT image encoder + 16-token Resampler) at channel widths that run a training step in well under a second on
 CPU. Tests and the demo use ``tiny`` through exactly the code ``sd15`` uses.
 """
 
@@ -24,6 +24,8 @@ class Flavour:
     text_encoder: dict[str, Any]
     motion_adapter: dict[str, Any]
     controlnet_embedding_channels: tuple[int, ...]
+    image_encoder: dict[str, Any]  # transformers CLIPVisionConfig kwargs (ViT-H/14 at sd15 size)
+    image_prompt: dict[str, Any]  # IP-Adapter-plus Resampler sizes (diffusers IPAdapterPlusImageProjection kwargs)
     # The empty prompt as CLIP token ids: BOS, EOS, then EOS as padding (SD1.5's tokenizer pads with
     # its EOS token). Used when no tokenizer folder is given, i.e. for random-weight flavours.
     prompt_length: int = 77
@@ -78,6 +80,20 @@ SD15 = Flavour(
         use_motion_mid_block=False,
     ),
     controlnet_embedding_channels=(16, 32, 96, 256),
+    image_encoder=dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=1024,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    ),
+    # ip-adapter-plus_sd15: Resampler(dim=768, depth=4, dim_head=64, heads=12, num_queries=16,
+    # embedding_dim=1280, output_dim=768, ff_mult=4) in the original code's names.
+    image_prompt=dict(embed_dims=1280, hidden_dims=768, output_dims=768, depth=4, dim_head=64, heads=12, num_queries=16, ffn_ratio=4),
 )
 
 TINY = Flavour(
@@ -124,6 +140,18 @@ TINY = Flavour(
         use_motion_mid_block=False,
     ),
     controlnet_embedding_channels=(8, 8, 16, 16),
+    image_encoder=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    ),
+    image_prompt=dict(embed_dims=32, hidden_dims=32, output_dims=32, depth=2, dim_head=8, heads=4, num_queries=16, ffn_ratio=4),
     default_height=128,
     default_width=64,
 )

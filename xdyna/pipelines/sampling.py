@@ -247,7 +247,9 @@ def sample_clip(
     scheduler.set_timesteps(num_inference_steps, device=pose.device)
     reference_latents = model.encode_images(reference.to(model.vae.dtype), sample_posterior=False)
     latents = initial_latents("noise", reference_latents, pose.shape[1], scheduler, generator)
+    # Models with an image prompt need its tokens on every call; conditional branch only (no CFG).
     latents = denoise_latents(
-        model, latents, reference_latents, scheduler, pose=pose, face=face, context=None, generator=generator, progress=progress
+        model, latents, reference_latents, scheduler, pose=pose, face=face,
+        image_prompt=encode_image_prompt(model, reference), context=None, generator=generator, progress=progress,
     )
     return model.decode_latents(latents.to(model.vae.dtype))

@@ -1,0 +1,88 @@
+"""``xdyna-info``: size a training job before queueing it.
+
+    xdyna-info model=sd15 stage=stage1 data.num_frames=16 data.height=896 data.width=512 --world-size 16
+
+Composes the same Hydra config as ``xdyna-train`` (any ``model=``/``stage=``/``data=``/``experiment=``
+override), builds the model on the meta device (no weights are read, no memory is used; weight
+paths may be left unset) and prints JSON: parameters per component (total and trainable), training
+FLOPs per sample at the configured frames and resolution, model-state memory per GPU under DDP,
+ZeRO-2 and ZeRO-3. Thin over :func:`xdyna.models.info.describe_job`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+MISSING = "???"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xdyna-info", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=sd15 stage=stage1 data.num_frames=16")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="GPUs sharing the job (default: trainer.devices x trainer.num_nodes when numeric, else 8)")
+    parser.add_argument("--precision", default=None, help="training precision (default: trainer.precision)")
+    return parser
+
+
+def _world_size(trainer) -> int:
+    devices = trainer.get("devices", 1)
+    nodes = trainer.get("num_nodes", 1)
+    return int(devices) * int(nodes) if str(devices).isdigit() else 8
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from xdyna.train.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def model_config_for_sizing(model_cfg):
+    """The model config with unset (``???``) weight paths as ``None``: nothing is read on meta."""
+    from omegaconf import OmegaConf
+
+    from xdyna.models import ModelConfig
+
+    values = OmegaConf.to_container(model_cfg, resolve=True, throw_on_missing=False)
+    pretrained = values.get("pretrained") or {}
+    values["pretrained"] = {key: (None if value == MISSING else value) for key, value in pretrained.items()}
+    return ModelConfig.from_mapping(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from xdyna.errors import XDynaUserError
+    from xdyna.models.info import describe_job
+
+    try:
+        cfg = compose(args.overrides)
+        report = describe_job(
+            model_config_for_sizing(cfg.model),
+            trainable=list(cfg.stage.trainable),
+            conditions=list(cfg.stage.get("conditions", ["pose"])),
+            frames=int(cfg.data.num_frames),
+            height=int(cfg.data.height),
+            width=int(cfg.data.width),
+            world_size=args.world_size or _world_size(cfg.trainer),
+            precision=str(args.precision or cfg.trainer.get("precision", "32")),
+        )
+    except (XDynaUserError, HydraException, OmegaConfBaseException) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"xdyna-info: error: {message}", file=sys.stderr)
+        return 2
+    report["overrides"] = list(args.overrides)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
