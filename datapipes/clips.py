@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from datapipes import shards
 from datapipes.face import FaceFrame, SFaceGeometry, face_track_from_json, s_face_maps
-from datapipes.pose import keypoints_from_json, render_pose
+from datapipes.pose import draw_face_landmarks, keypoints_from_json, render_pose
 from datapipes.video import VideoDecodeError, open_video, read_frames
 
 REFERENCE_MODES = ("outside", "inside", "any")
@@ -46,6 +46,7 @@ class ClipSpec:
     with_face: bool = False
     pose_from: str = "auto"
     decode_threads: int = 1
+    face_landmarks_in_pose: bool = False  # w/lmk ablation: draw face.json landmarks into the pose
 
     @property
     def span(self) -> int:
@@ -177,6 +178,8 @@ def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
             sample["face"] = torch.zeros(spec.num_frames, 6, height, width, dtype=torch.uint8)
         return bucket, sample
     sample["pose"] = _pose(raw, spec, clip, count, geometry)
+    if spec.face_landmarks_in_pose:
+        sample["pose"] = _with_face_landmarks(sample["pose"], _face_track(raw, key, clip, count, geometry))
     if spec.with_face:
         sample["face"] = _face(raw, key, clip, count, geometry, video_frames, face_reenactor, rng)
     return bucket, sample
@@ -218,21 +221,33 @@ def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
     raise BadSample(key, f"human clip has no {wanted} member")
 
 
+def _face_track(raw: shards.RawSample, key: str, clip: np.ndarray, count: int,
+                geometry: ResizeCrop) -> list[FaceFrame | None]:
+    """The clip's faces from ``face.json`` in output pixels; ``None`` where a frame has none."""
+    if shards.FACE not in raw.members:
+        return [None] * len(clip)
+    try:
+        document = json.loads(raw.members[shards.FACE])
+        track = face_track_from_json(document, f"{key}.face.json")
+        source_height, source_width = int(document["height"]), int(document["width"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadSample(key, str(error)) from None
+    if len(track) != count:
+        raise BadSample(key, f"face/video frame-count mismatch: face {len(track)}, video {count}")
+    transform = geometry.point_transform(source_height, source_width)
+    return [None if track[i] is None else track[i].transformed(*transform) for i in clip]
+
+
+def _with_face_landmarks(pose: torch.Tensor, faces: list[FaceFrame | None]) -> torch.Tensor:
+    frames = pose.permute(0, 2, 3, 1).numpy()
+    drawn = [frame if face is None else draw_face_landmarks(frame, face.points) for frame, face in zip(frames, faces)]
+    return torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2).contiguous()
+
+
 def _face(raw: shards.RawSample, key: str, clip: np.ndarray, count: int, geometry: ResizeCrop,
           video_frames: torch.Tensor, face_reenactor: FaceReenactor | None,
           rng: np.random.Generator) -> torch.Tensor:
-    faces: list[FaceFrame | None] = [None] * len(clip)
-    if shards.FACE in raw.members:
-        try:
-            document = json.loads(raw.members[shards.FACE])
-            track = face_track_from_json(document, f"{key}.face.json")
-            source_height, source_width = int(document["height"]), int(document["width"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise BadSample(key, str(error)) from None
-        if len(track) != count:
-            raise BadSample(key, f"face/video frame-count mismatch: face {len(track)}, video {count}")
-        transform = geometry.point_transform(source_height, source_width)
-        faces = [None if track[i] is None else track[i].transformed(*transform) for i in clip]
+    faces = _face_track(raw, key, clip, count, geometry)
     frames01 = video_frames.float() / 255.0
     if face_reenactor is not None and any(face is not None for face in faces):
         frames01 = face_reenactor(frames01, faces, rng)

@@ -58,6 +58,7 @@ class ClipLoaderConfig:
     crop: str = "random"                      # random | center
     reference: str = "outside"                # outside | inside | any (of the clip)
     with_face: bool = False
+    face_landmarks_in_pose: bool = False      # w/lmk ablation: face.json landmarks drawn into pose
     pose_from: str = "auto"                   # auto | video | keypoints
     batch_size: int = 2
     num_workers: int = 0
@@ -80,7 +81,7 @@ class ClipLoaderConfig:
     def clip_spec(self) -> ClipSpec:
         buckets = tuple(tuple(int(v) for v in b) for b in (self.buckets or [[self.height, self.width]]))
         return ClipSpec(self.num_frames, self.frame_stride, buckets, self.reference, self.crop,
-                        self.with_face, self.pose_from, self.decode_threads)
+                        self.with_face, self.pose_from, self.decode_threads, self.face_landmarks_in_pose)
 
     def validate(self) -> None:
         problems = []

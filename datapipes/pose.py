@@ -85,6 +85,21 @@ def render_pose(keypoints: np.ndarray, height: int, width: int, *, no_head: bool
     return np.asarray(canvas)
 
 
+FACE_LANDMARK_COLOR = (255, 255, 255)  # OpenPose draws face keypoints as white dots
+
+
+def draw_face_landmarks(frame: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``frame`` (uint8 H x W x 3 pose rendering) with face ``points`` (N, 2, pixels) drawn on it
+    as OpenPose does (white dots): the w/lmk ablation's face signal, carried by the pose image."""
+    height, width = frame.shape[:2]
+    canvas = Image.fromarray(np.ascontiguousarray(frame))
+    draw = ImageDraw.Draw(canvas)
+    r = max(1, stroke_width(height, width) // 2)
+    for x, y in np.asarray(points, dtype=np.float64):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=FACE_LANDMARK_COLOR)
+    return np.asarray(canvas)
+
+
 def render_pose_video(keypoints: np.ndarray, height: int, width: int, **kwargs) -> np.ndarray:
     """``uint8 (T, height, width, 3)`` from ``(T, K, 3)`` keypoints; see :func:`render_pose`."""
     keypoints = np.asarray(keypoints)

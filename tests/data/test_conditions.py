@@ -81,3 +81,21 @@ def test_face_track_json_round_trip_and_errors():
     document["frames"][0]["points"] = [[1, 2]] * 7
     with pytest.raises(ValueError, match="clip.face.json"):
         face_track_from_json(document, "clip.face.json")
+
+
+def test_face_landmarks_in_pose_draws_each_face_into_its_pose_frame(portrait_shards):
+    """w/lmk ablation: the same clips, with the face.json landmarks drawn white into the pose."""
+    from datapipes.loader import build_clip_loader
+    from tests.data.conftest import loader_config
+
+    base = dict(scene_probability=0.0, crop="center", output_dtype="uint8", batches_per_epoch=2)
+    plain = next(iter(build_clip_loader(loader_config(portrait_shards, **base), 0, 1)))
+    marked = next(iter(build_clip_loader(loader_config(portrait_shards, face_landmarks_in_pose=True, **base), 0, 1)))
+    assert plain["__key__"] == marked["__key__"]
+    torch.testing.assert_close(plain["video"], marked["video"])
+    white = (marked["pose"] == 255).all(dim=2)  # (B, F, H, W)
+    changed = (marked["pose"] != plain["pose"]).any(dim=2)
+    # Every frame gains white landmark pixels, and only white pixels were added.
+    assert white.flatten(2).any(-1).all()
+    assert torch.equal(changed & ~white, torch.zeros_like(changed))
+    assert not (plain["pose"] == 255).all(dim=2).any()

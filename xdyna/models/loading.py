@@ -123,6 +123,36 @@ def _show(keys: Iterable[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def mismatch_problems(
+    targets: Mapping[str, torch.Tensor],
+    converted: Mapping[str, torch.Tensor],
+    required: Iterable[str],
+    foreign: Iterable[str] = (),
+) -> list[str]:
+    """What keeps ``converted`` from loading into ``targets``, one phrase per kind (empty: loads).
+
+    ``foreign``: source keys no conversion could place; ``required``: targets that must be given.
+    """
+    foreign = sorted(foreign)
+    unknown = sorted(name for name in converted if name not in targets)
+    wrong_shape = sorted(
+        f"{name} {tuple(converted[name].shape)} vs {tuple(targets[name].shape)}"
+        for name in converted
+        if name in targets and tuple(converted[name].shape) != tuple(targets[name].shape)
+    )
+    absent = sorted(set(required) - set(converted))
+    problems = []
+    if foreign:
+        problems.append(f"{len(foreign)} key(s) of no known layout: {_show(foreign)}")
+    if unknown:
+        problems.append(f"{len(unknown)} key(s) with no counterpart in this model: {_show(unknown)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatch(es): {_show(wrong_shape, 5)}")
+    if absent:
+        problems.append(f"{len(absent)} required key(s) missing: {_show(absent)}")
+    return problems
+
+
 def load_mapped(
     targets: Mapping[str, torch.Tensor],
     converted: Mapping[str, torch.Tensor],
@@ -136,25 +166,8 @@ def load_mapped(
     converted names that are not targets, shape mismatches, or ``required`` targets absent
     (``None``: every target is required).
     """
-    foreign = sorted(foreign)
-    unknown = sorted(name for name in converted if name not in targets)
-    wrong_shape = sorted(
-        f"{name} {tuple(converted[name].shape)} vs {tuple(targets[name].shape)}"
-        for name in converted
-        if name in targets and tuple(converted[name].shape) != tuple(targets[name].shape)
-    )
-    required = set(targets) if required is None else set(required)
-    absent = sorted(required - set(converted))
-    if foreign or unknown or wrong_shape or absent:
-        problems = []
-        if foreign:
-            problems.append(f"{len(foreign)} key(s) of no known layout: {_show(foreign)}")
-        if unknown:
-            problems.append(f"{len(unknown)} key(s) with no counterpart in this model: {_show(unknown)}")
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatch(es): {_show(wrong_shape, 5)}")
-        if absent:
-            problems.append(f"{len(absent)} required key(s) missing: {_show(absent)}")
+    problems = mismatch_problems(targets, converted, set(targets) if required is None else required, foreign)
+    if problems:
         raise WeightsMismatchError(f"{source} does not match the model, nothing loaded: " + "; ".join(problems))
     with torch.no_grad():
         for name, tensor in converted.items():
