@@ -57,6 +57,8 @@ def test_fps_option_sets_the_output_rate(tmp_path, driving_files):
         ("out_folder", "is a folder"),
         ("black_pose", "no skeleton"),
         ("align_without_body", "--align needs"),
+        ("dwpose_without_model", "needs --pose-model"),
+        ("dwpose_missing_model", "DWPose model"),
     ],
 )
 def test_input_errors_are_one_line_and_exit_2(tmp_path, driving_files, capsys, case, expected):
@@ -81,6 +83,10 @@ def test_input_errors_are_one_line_and_exit_2(tmp_path, driving_files, capsys, c
         args["--pose"] = str(driving_files["black_pose"])
     elif case == "align_without_body":
         extra = ["--align"]
+    elif case == "dwpose_without_model":
+        extra = ["--pose-estimator", "dwpose"]
+    elif case == "dwpose_missing_model":
+        extra = ["--pose-estimator", "dwpose", "--pose-model", str(tmp_path / "dw-ll_ucoco_384.onnx")]
     argv = [*weights, *extra, *(item for pair in args.items() for item in pair)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

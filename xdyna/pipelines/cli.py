@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skeleton video of --driving (instead of a pose estimator)")
     inputs.add_argument("--face", help="video whose face drives the expression (default: --driving)")
     inputs.add_argument("--no-face", action="store_true", help="no S-Face condition")
-    inputs.add_argument("--pose-estimator", metavar="MODULE:FACTORY", help="pose estimator plugin (see docs/inference.md)")
+    inputs.add_argument("--pose-estimator", metavar="dwpose|MODULE:FACTORY",
+                        help="pose estimator: dwpose (needs --pose-model) or a plugin (see docs/inference.md)")
+    inputs.add_argument("--pose-model", metavar="ONNX", help="local DWPose .onnx file for --pose-estimator dwpose")
     inputs.add_argument("--face-detector", default="mtcnn", metavar="mtcnn|MODULE:FACTORY", help="face landmark model")
 
     weights = parser.add_argument_group("weights (one of --pretrained, --checkpoint, --model)")
@@ -128,7 +130,7 @@ def load_pipeline(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> dict:
     """Animate as ``args`` say; returns what was written and how long it took."""
     from .context import ContextOptions
-    from .driving import load_plugin, prepare_driving, prepare_reference, reference_body_box
+    from .driving import load_plugin, load_pose_estimator, prepare_driving, prepare_reference, reference_body_box
     from .checks import InputError
     from .inputs import load_image
     from .preview import check_output_path, to_uint8, write_animation
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
     pipeline = load_pipeline(args)
     default_height, default_width = pipeline.default_size
     size = (args.height or default_height, args.width or default_width)
-    pose_estimator = load_plugin(args.pose_estimator, "pose estimator") if args.pose_estimator else None
+    pose_estimator = load_pose_estimator(args.pose_estimator, args.pose_model) if args.pose_estimator else None
     face_model = None
     if not args.no_face and pipeline.has_face_controlnet:
         face_model = args.face_detector if args.face_detector == "mtcnn" else load_plugin(args.face_detector, "face detector")

@@ -19,7 +19,7 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from datapipes.clips import ResizeCrop
 from datapipes.face import FaceFrame, s_face_maps
 from datapipes.facetrack import LandmarkModel, load_face_model
 from datapipes.pose import render_pose
+from datapipes.pose_estimator import PoseEstimator
 
 from .inputs import InputError, VideoFile
 
@@ -39,11 +40,19 @@ DECODE_CHUNK = 32  # frames decoded and resized at a time: bounds memory on long
 log = logging.getLogger(__name__)
 
 
-class PoseEstimator(Protocol):
-    """Frames ``uint8 (T, H, W, 3)`` -> keypoints ``float (T, K, 3)`` rows ``(x, y, confidence)``
-    in the frames' pixels, K = 18 OpenPose body points or 18 + 2 x 21 with hands."""
+def load_pose_estimator(spec: str, model_path: str | None = None) -> PoseEstimator:
+    """``dwpose`` (datapipes' DWPose through onnxruntime, weights from ``model_path``) or a
+    ``module:attribute`` plugin (see :func:`load_plugin`)."""
+    if spec == "dwpose":
+        if model_path is None:
+            raise InputError("--pose-estimator dwpose needs --pose-model PATH (a local DWPose .onnx file)")
+        from datapipes.pose_estimator import DWPoseOnnx
 
-    def __call__(self, frames: np.ndarray) -> np.ndarray: ...
+        try:
+            return DWPoseOnnx(model_path)
+        except ImportError as error:
+            raise InputError(f"--pose-estimator dwpose needs onnxruntime (pip install 'xdyna[pose]'): {error}") from None
+    return load_plugin(spec, "pose estimator")
 
 
 def load_plugin(spec: str, what: str) -> Any:
