@@ -69,7 +69,10 @@ def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path
     second = train(tmp_path, shards, "trainer.max_steps=5")
     assert second.returncode == 0, second.stderr[-3000:]
     assert outputs(second.stdout)["resumed_from"] == str(checkpoint)
-    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 5
+    # Checkpoints are step-named and committed atomically (xdyna.train.checkpointing): the resumed
+    # run's newest one is a new file, the step-3 one it resumed from is left as it was.
+    resumed_checkpoint = Path(outputs(second.stdout)["checkpoint"])
+    assert torch.load(resumed_checkpoint, map_location="cpu", weights_only=False)["global_step"] == 5
 
 
 @pytest.mark.parametrize(

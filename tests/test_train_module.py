@@ -73,14 +73,14 @@ def test_checkpoint_keeps_only_trainable_weights_and_rejects_foreign_ones():
     module.on_load_checkpoint(checkpoint)  # its own checkpoint loads
 
     foreign = dict(checkpoint["state_dict"], **{"model.someone_else.weight": torch.zeros(1)})
-    with pytest.raises(CheckpointMismatchError, match="1 unknown key"):
+    with pytest.raises(CheckpointMismatchError, match="1 key\(s\) with no counterpart"):
         module.on_load_checkpoint({"state_dict": foreign})
     key = next(iter(kept))
     wrong = dict(checkpoint["state_dict"], **{key: torch.zeros(1, 2, 3)})
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
         module.on_load_checkpoint({"state_dict": wrong})
     partial = dict(list(checkpoint["state_dict"].items())[1:])
-    with pytest.raises(CheckpointMismatchError, match="trainable key\\(s\\) absent"):
+    with pytest.raises(CheckpointMismatchError, match="required key\\(s\\) missing"):
         module.on_load_checkpoint({"state_dict": partial})
 
 

@@ -1,7 +1,8 @@
-"""Training callbacks: sample videos from a fixed validation batch."""
+"""Training callbacks: sample videos (with validation metrics) from a fixed batch; test-only step delay."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from datapipes.video import encode_mp4
 
+from ..metrics.validation import validation_metrics
 from ..pipelines import sample_clip
 from .batches import to_float_batch
 
@@ -35,14 +37,21 @@ def side_by_side(reference: torch.Tensor, pose: torch.Tensor, generated: torch.T
 
 
 class SampleVideoCallback(L.Callback):
-    """Every ``every_n_steps`` (and at the end) generate clips for a fixed batch and save/log them.
+    """Every ``every_n_steps`` (and at the end) generate clips for a fixed batch and save/log them,
+    with :func:`xdyna.metrics.validation.validation_metrics` against the batch's real clips
+    (``val/psnr``, ``val/ssim``; ``val/lpips`` and ``val/face_det`` when their models are given).
 
     The fixed batch is the first training batch this rank sees, so it needs no extra data source
     and is the same on resume. Every rank renders its own share and writes its own file; only rank
     0 logs to W&B, so no rank ever waits for another here.
     """
 
-    def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, max_samples: int = 2, fps: float = 8.0, seed: int = 0):
+    def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, max_samples: int = 2, fps: float = 8.0, seed: int = 0,
+                 lpips_net=None, face_detector=None):
+        # Optional metric models for validation_metrics: None skips LPIPS / Face-Det.
+        self.lpips_net = lpips_net
+        self.face_detector = face_detector
+        self.last_metrics: dict[str, float] = {}
         self.every_n_steps = every_n_steps
         self.num_inference_steps = num_inference_steps
         self.max_samples = max_samples
@@ -90,9 +99,27 @@ class SampleVideoCallback(L.Callback):
         tmp.write_bytes(encode_mp4(frames, self.fps))
         tmp.replace(path)
         self.last_video = path
+        # The fixed batch's ground truth is the target clip: cheap fidelity metrics beside the video.
+        self.last_metrics = validation_metrics(generated, batch["video"], self.lpips_net, self.face_detector, prefix="val/")
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
+                logger.log_metrics(self.last_metrics, step=trainer.global_step)
                 if hasattr(logger, "log_video"):
                     # A file path: W&B's raw-array route needs moviepy to re-encode what we already encoded.
                     logger.log_video("samples", [str(path)], step=trainer.global_step, format=["mp4"])
         return path
+
+
+class StepSleep(L.Callback):
+    """TEST-ONLY (``debug.step_sleep_s``): sleep after every optimizer step.
+
+    The tiny CPU model finishes a stage in seconds; end-to-end preemption tests need a job that
+    is still training when they signal it. Sleeping changes no math, so weights stay comparable
+    with a run without it.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from xdyna.train import checkpointing
 
@@ -73,6 +74,28 @@ class StepCheckpoints(L.Callback):
         return doomed
 
 
+def collect_rng_states() -> dict:
+    """This process's RNG states as tensors and plain Python values only, so checkpoints stay
+    loadable with ``torch.load(weights_only=True)`` (numpy's own state holds an ndarray)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class RandomStateCheckpoint(L.Callback):
     """Carries every rank's RNG states (python, numpy, torch, CUDA) through checkpoints.
 
@@ -86,7 +109,7 @@ class RandomStateCheckpoint(L.Callback):
         self._pending: dict | None = None
 
     def state_dict(self) -> dict:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        states = collect_rng_states()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
@@ -106,4 +129,4 @@ class RandomStateCheckpoint(L.Callback):
             log.warning("checkpoint holds RNG states of %d ranks, this run has %d: not restored",
                         len(ranks), trainer.world_size)
             return
-        _set_rng_states(ranks[trainer.global_rank])
+        set_rng_states(ranks[trainer.global_rank])

@@ -23,6 +23,18 @@ def default_run_id(environ: os._Environ | dict = os.environ) -> str:
     return "local-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def sweep_job_run_id(sweep_run_id: str, job_num: int) -> str:
+    """The run id of job ``job_num`` of a ``-m`` sweep: ``<sweep run id>_<job num>``.
+
+    Every job of a sweep sees the same ``XDYNA_RUN_ID`` (the sweeping process's), so without the
+    job number they would share one run directory, checkpoints and W&B run. Hydra numbers jobs
+    in the order the sweep expands, and a requeued submitit job keeps its pickled config and its
+    environment, so the id is stable across requeues; rerunning the same sweep command with
+    ``run.id=<sweep run id>`` resumes every job in place.
+    """
+    return f"{sweep_run_id}_{job_num}"
+
+
 def user_error(message: str) -> "SystemExit":
     print(f"xdyna-train: error: {message}", file=sys.stderr)
     return SystemExit(2)
@@ -32,8 +44,13 @@ def build_logger(cfg, run_dir: Path):
     kind = cfg.logger.kind
     if kind == "none":
         return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        # ${run.dir}/metrics/metrics.csv; a requeued run appends to the same file.
+        return CSVLogger(save_dir=str(run_dir), name="metrics", version="")
     if kind != "wandb":
-        raise user_error(f"logger.kind={kind!r}; choose wandb or none")
+        raise user_error(f"logger.kind={kind!r}; choose wandb, csv or none")
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
@@ -49,15 +66,37 @@ def build_logger(cfg, run_dir: Path):
     )
 
 
+def describe_init(init_files: dict[str, str]) -> str | None:
+    """``"a, b from <dir>"`` for the run summary (``None`` when nothing was loaded)."""
+    if not init_files:
+        return None
+    folders = sorted({str(Path(path).parent) for path in init_files.values()})
+    return f"{', '.join(sorted(init_files))} from {', '.join(folders)}"
+
+
+def _face_detector():
+    """facenet-pytorch's MTCNN (weights ship in its wheel) for the samples' Face-Det metric."""
+    from ..metrics.face import FaceDetector
+
+    try:
+        return FaceDetector()
+    except ImportError as error:
+        raise user_error(f"samples.face_det=true needs facenet-pytorch ({error}); pip install --no-deps facenet-pytorch") from None
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train one stage as configured; returns where its outputs went."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
     from omegaconf import OmegaConf
 
-    from .callbacks import EndOfStageCheckpoint, SampleVideoCallback
+    from .callbacks import SampleVideoCallback, StepSleep
+    from .checkpointing import newest_complete_checkpoint
+    from .scaleout import build_scaleout
     from .datamodule import ClipDataModule
+    from .export import EXPORT_SUBDIR, export_run, init_component_files
     from .module import XDynaTrainingModule
+    from .telemetry import TrainingTelemetry
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -66,56 +105,81 @@ def run_training(cfg) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    # init.from_run / init.components_dir: an earlier stage's export becomes model.pretrained.components
+    # (so the module's hyperparameters record it and a rebuilt model loads it too); components
+    # named explicitly in model.pretrained.components take precedence.
+    init_cfg = OmegaConf.to_container(cfg.init, resolve=True) if "init" in cfg else {}
+    init_files = init_component_files(init_cfg, Path(cfg.run.root))
+    if init_files:
+        pretrained = model_cfg.setdefault("pretrained", {})
+        pretrained["components"] = {**init_files, **(pretrained.get("components") or {})}
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = ClipDataModule(data_cfg)  # first: checks data paths before the model loads
+    # Strategy, atomic step checkpoints, preemption (the one owner of requeue) and resume point.
+    scaleout = build_scaleout(
+        OmegaConf.to_container(cfg.trainer, resolve=True),
+        run_dir,
+        every_n_steps=cfg.checkpoint.every_n_steps,
+        keep=cfg.checkpoint.keep,
+        resume=cfg.run.resume,
+    )
+    # Catch preemption signals from here on: a signal while the model loads is acted on at the
+    # first step end, and submitit's own handler (which would requeue too) is never reached.
+    scaleout.preemption.install()
     module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    checkpoint_dir = run_dir / "checkpoints"
-    checkpoints = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="step{step:07d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint.every_n_steps,
-        save_top_k=cfg.checkpoint.keep,
-        monitor="step",
-        mode="max",
-        save_last=True,
-    )
     samples = SampleVideoCallback(
         every_n_steps=cfg.samples.every_n_steps,
         num_inference_steps=cfg.samples.num_inference_steps,
         max_samples=cfg.samples.max_samples,
         fps=cfg.samples.fps,
         seed=cfg.seed,
+        face_detector=_face_detector() if OmegaConf.select(cfg, "samples.face_det", default=False) else None,
     )
     logger = build_logger(cfg, run_dir)
-    last = checkpoint_dir / "last.ckpt"
-    callbacks = [checkpoints, samples, EndOfStageCheckpoint(last)]
+    telemetry = TrainingTelemetry(peak_tflops=OmegaConf.select(cfg, "telemetry.peak_tflops", default=None))
+    callbacks = [*scaleout.callbacks, samples, telemetry]
+    step_sleep_s = float(OmegaConf.select(cfg, "debug.step_sleep_s", default=0) or 0)
+    if step_sleep_s > 0:
+        callbacks.append(StepSleep(step_sleep_s))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **scaleout.trainer_kwargs,
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
+        # StepCheckpoints replaces ModelCheckpoint (atomic, step-named, newest-complete resume).
+        enable_checkpointing=False,
         # The loader splits shards by rank itself; Lightning must not wrap it in a sampler.
         use_distributed_sampler=False,
         enable_model_summary=False,
     )
-    ckpt_path = str(last) if cfg.run.resume and last.exists() else None
+    ckpt_path = str(scaleout.resume_from) if scaleout.resume_from else None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
+    newest = newest_complete_checkpoint(scaleout.checkpoint_dir)
+    export_dir = None
+    if not scaleout.preemption.preempted and newest is not None and OmegaConf.select(cfg, "checkpoint.export_at_end", default=False):
+        # What the next stage starts from (init.from_run=<this run id>); rank 0 reads the shards
+        # every rank committed before fit() returned.
+        export_dir = run_dir / EXPORT_SUBDIR
+        if trainer.global_rank == 0:
+            export_run(run_dir, newest, model=module.model)
     outputs = {
         "run_dir": str(run_dir),
-        "checkpoint": str(last) if last.exists() else checkpoints.best_model_path,
+        "checkpoint": str(newest) if newest else None,
+        "export": str(export_dir) if export_dir else None,
+        "init_from": describe_init(init_files),
         "sample_video": str(samples.last_video) if samples.last_video else None,
-        "wandb_dir": str(Path(logger.experiment.dir).parent) if logger else None,
+        "wandb_dir": str(Path(logger.experiment.dir).parent) if logger and cfg.logger.kind == "wandb" else None,
+        "metrics_csv": str(Path(logger.log_dir) / "metrics.csv") if logger and cfg.logger.kind == "csv" else None,
         "resumed_from": ckpt_path,
+        "preempted_at": scaleout.preemption.preempted_at_step,
     }
     if trainer.global_rank == 0:
-        print("\nxdyna-train finished")
+        print("\nxdyna-train " + ("preempted" if scaleout.preemption.preempted else "finished"))
         for key, value in outputs.items():
             print(f"  {key:13s} {value}")
     return outputs
@@ -124,6 +188,12 @@ def run_training(cfg) -> dict[str, Any]:
 def _task(cfg) -> None:
     from ..errors import XDynaUserError
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.run.id = sweep_job_run_id(cfg.run.id, hydra_cfg.job.num)
     try:
         run_training(cfg)
     except (XDynaUserError, FileNotFoundError) as error:

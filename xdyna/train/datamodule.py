@@ -10,12 +10,13 @@ from datapipes.loader import build_clip_loader, config_from_dict
 from datapipes.shards import expand_shard_urls
 
 from ..errors import ConfigError
+from .loader_state import RankGatheredLoader
 
 
 class ClipDataModule(L.LightningDataModule):
     """Builds the rank's loader with rank/world passed explicitly (never read from the
-    environment, see the WebDataset trap in the stack notes) and carries its position in
-    checkpoints through ``state_dict``/``load_state_dict``.
+    environment, see the WebDataset trap in the stack notes). Its position goes into checkpoints
+    through Lightning's stateful-loader path, every rank's own (:class:`RankGatheredLoader`).
 
     The config and shard paths are checked on construction, before any model is built, so a
     wrong path fails in a second rather than after loading SD1.5.
@@ -36,24 +37,11 @@ class ClipDataModule(L.LightningDataModule):
                 except FileNotFoundError as error:
                     raise FileNotFoundError(f"data.{key}: {error}") from None
         self.loader = None
-        self._pending_state: dict[str, Any] | None = None
 
     def train_dataloader(self):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.loader = build_clip_loader(self.config, rank=rank, world_size=world)
-        if self._pending_state is not None:
-            self.loader.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return self.loader
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict()} if self.loader is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "loader" in state:
-            # Lightning restores the datamodule before it asks for the loader: apply on creation.
-            self._pending_state = state["loader"]
-            if self.loader is not None:
-                self.loader.load_state_dict(self._pending_state)
-                self._pending_state = None
+        # Lightning saves and restores a loader's state_dict itself (rank 0's checkpoint only,
+        # hence the gathering wrapper); a second copy in the datamodule state would be stale.
+        return RankGatheredLoader(self.loader)

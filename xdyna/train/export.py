@@ -82,7 +82,10 @@ def split_by_component(weights: Mapping[str, torch.Tensor], model) -> dict[str, 
             raise ExportError(f"checkpoint holds part of {component}: {len(missing)} tensor(s) absent, e.g. {missing[:3]}")
         groups[component] = {name: model_weights[name].contiguous() for name in sorted(names)}
         claimed |= names
-    stray = sorted(set(model_weights) - claimed)
+    # DeepSpeed's consolidation also returns buffers (e.g. positional encodings): the model
+    # rebuilds those itself, they are not trained weights.
+    buffers = {name for name, _ in model.named_buffers()}
+    stray = sorted(set(model_weights) - claimed - buffers)
     if stray:
         raise ExportError(f"checkpoint weights outside every component: {stray[:5]}")
     return groups
@@ -146,3 +149,67 @@ def load_components(model, export_dir: str | os.PathLike, components: Iterable[s
             raise ExportError(f"{component}.safetensors shape mismatch for {bad_shape[:3]} (another flavour?)")
         model.load_state_dict(tensors, strict=False)
     return wanted
+
+
+# A finished stage exports its newest checkpoint here (``checkpoint.export_at_end``);
+# ``init.from_run=<run id>`` reads it.
+EXPORT_SUBDIR = "export"
+
+
+def export_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike, model=None) -> Path:
+    """Export ``checkpoint`` to ``<run_dir>/export``, replacing an older export atomically
+    (a stage-2 job reading it never sees a half-written directory)."""
+    import shutil
+
+    from xdyna.train.checkpointing import partial_path
+
+    final = Path(run_dir) / EXPORT_SUBDIR
+    tmp = partial_path(final)
+    try:
+        export_checkpoint(checkpoint, tmp, model=model)
+        retired = None
+        if final.exists():
+            retired = partial_path(final, "retired")
+            os.replace(final, retired)
+        os.replace(tmp, final)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def init_component_files(init: Mapping[str, Any], run_root: str | os.PathLike) -> dict[str, str]:
+    """The ``init`` config group -> ``{component: .safetensors path}`` for ``model.pretrained.components``.
+
+    ``init.from_run`` names a run (id under ``run_root`` or a run directory) whose finished stage
+    wrote ``export/``; ``init.components_dir`` names an export directory directly.
+    """
+    from_run, components_dir = init.get("from_run"), init.get("components_dir")
+    if from_run and components_dir:
+        raise ExportError("set init.from_run or init.components_dir, not both")
+    if not (from_run or components_dir):
+        return {}
+    if from_run:
+        given = Path(str(from_run)).expanduser()
+        run_dir = given if given.is_dir() else Path(run_root) / str(from_run)
+        if not run_dir.is_dir():
+            raise ExportError(f"init.from_run={from_run}: no run directory {run_dir} (nor {given})")
+        export_dir = run_dir / EXPORT_SUBDIR
+        if not (export_dir / EXPORT_MANIFEST).is_file():
+            raise ExportError(
+                f"init.from_run={from_run}: {export_dir} holds no export (the run has not finished a stage); "
+                f"make one with: xdyna-export {run_dir}/checkpoints {export_dir}"
+            )
+        key = f"init.from_run={from_run}"
+    else:
+        export_dir = Path(str(components_dir)).expanduser()
+        if not (export_dir / EXPORT_MANIFEST).is_file():
+            raise ExportError(f"init.components_dir={components_dir}: no {EXPORT_MANIFEST} there; make one with xdyna-export")
+        key = f"init.components_dir={components_dir}"
+    available = json.loads((export_dir / EXPORT_MANIFEST).read_text())["components"]
+    wanted = list(init.get("components") or available)
+    absent = sorted(set(wanted) - set(available))
+    if absent:
+        raise ExportError(f"{key}: the export has no {absent} (it has {available})")
+    return {name: str((export_dir / f"{name}.safetensors").resolve()) for name in wanted}

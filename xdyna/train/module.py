@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, XDynaUserError
 from ..diffusion import add_noise, sample_timesteps, training_scheduler
 from .batches import to_float_batch
+from ..models.loading import mismatch_problems
 from ..models import ModelConfig, XDynaModel, build_model
 
 CONDITIONS = ("pose", "face")
@@ -18,6 +19,10 @@ CONDITIONS = ("pose", "face")
 
 class CheckpointMismatchError(XDynaUserError, RuntimeError):
     """A checkpoint does not belong to this model/stage."""
+
+
+class NonFiniteLossError(XDynaUserError, FloatingPointError):
+    """The loss became NaN or infinite: the run stops instead of training on garbage."""
 
 
 class XDynaTrainingModule(L.LightningModule):
@@ -59,14 +64,34 @@ class XDynaTrainingModule(L.LightningModule):
             if "face" not in batch:
                 raise ConfigError("stage.conditions includes face but the data gives no face maps (set data.with_face=true)")
             face = batch["face"]
-        prediction = self.model(noisy, timesteps, reference_latents, pose, face)
+        # X-Dyna's image prompt (IP-Adapter-plus tokens of the reference), dropped at random per
+        # sample so the unconditional branch of classifier-free guidance is trained too.
+        image_prompt = None
+        if self.model.image_prompt is not None:
+            image_prompt = self.model.encode_image_prompt_for_training(batch["reference"])
+        prediction = self.model(noisy, timesteps, reference_latents, pose, face, image_prompt=image_prompt)
         # The clean reference is not part of the prediction: the loss covers generated frames only.
         return F.mse_loss(prediction.float(), noise.float())
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
+        self.check_finite(loss, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
         return loss
+
+    def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        """Stop on a NaN/inf loss, on every rank at once: ranks agree through one all-reduce, so
+        none is left waiting in the backward's collectives for a rank that has raised. (One
+        scalar and one host sync per step: negligible beside a diffusion training step.)"""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            keys = list(batch.get("__key__", []))[:4]
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step} (rank {self.global_rank}, samples {keys}); "
+                "stopped: lower stage.optim.lr or check the data; resume continues from the last checkpoint"
+            )
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -98,19 +123,6 @@ class XDynaTrainingModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        own = self.state_dict()
-        foreign = sorted(k for k in state if k not in own)
-        wrong_shape = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-        missing = sorted(self.trainable_state_keys() - set(state))
-        if foreign or wrong_shape or missing:
-            def show(keys: list[str]) -> str:
-                return ", ".join(keys[:5]) + (f" ... (+{len(keys) - 5})" if len(keys) > 5 else "")
-
-            problems = []
-            if foreign:
-                problems.append(f"{len(foreign)} unknown key(s): {show(foreign)}")
-            if wrong_shape:
-                problems.append(f"{len(wrong_shape)} shape mismatch(es): {show(wrong_shape)}")
-            if missing:
-                problems.append(f"{len(missing)} trainable key(s) absent: {show(missing)}")
+        problems = mismatch_problems(self.state_dict(), state, required=self.trainable_state_keys())
+        if problems:
             raise CheckpointMismatchError("checkpoint does not match this model/stage: " + "; ".join(problems))

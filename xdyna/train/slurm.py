@@ -68,7 +68,7 @@ def stable_run_id(name: str, overrides: Sequence[str]) -> str:
     Never a timestamp: the id must be reproducible from the command so that a resubmission, by
     hand or by SLURM's requeue, continues the run in place.
     """
-    relevant = sorted(o for o in overrides if not o.startswith(("run.id=", "launcher.")))
+    relevant = sorted(o for o in overrides if not o.lstrip("+").startswith(("run.id=", "launcher")))
     digest = hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:8]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "run"
     return f"{stem[:50]}-{digest}"

@@ -1,0 +1,119 @@
+"""Training telemetry, logged by rank 0 to every configured logger (W&B, CSV) and the progress bar.
+
+Per logging interval (``trainer.log_every_n_steps``):
+
+- ``perf/samples_per_s``: samples of all ranks per wall second over the interval;
+- ``perf/data_wait_fraction``: share of that wall time rank 0 spent waiting for its next batch
+  (between the end of one step and the start of the next, where Lightning fetches the batch);
+- ``perf/grad_norm``: global L2 norm of the trainable gradients before clipping (DeepSpeed:
+  the engine's own global norm, since ZeRO shards the gradients);
+- ``perf/peak_mem_gib``: peak CUDA memory allocated on this device, or the process's peak RSS on CPU;
+- ``perf/mfu``: model FLOPs utilisation = training FLOPs per sample x samples/s /
+  (``telemetry.peak_tflops`` x world size); FLOPs per sample come from
+  :func:`xdyna.models.info.training_flops` (torch's FLOP counter on a meta-device copy of the
+  model at the batch's shape: encoders, forward, backward of what trains), counted once;
+- ``data/samples_drawn``, ``data/bad_samples``, ``data/bad_fraction``: rank 0's loader counters
+  (bad samples are skipped by the loader; the run stops past ``data.max_bad_fraction``).
+
+Loss and learning rate are logged by the module (``train/loss``) and Lightning's
+LearningRateMonitor. A non-finite loss stops the run in :meth:`XDynaTrainingModule.training_step`.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import lightning as L
+import torch
+
+GIB = 1024**3
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / GIB
+
+
+def flops_per_sample(pl_module, batch: dict[str, Any]) -> int:
+    """Training FLOPs of one sample of ``batch``'s shape, counted on a meta-device model."""
+    from xdyna.models import build_model
+    from xdyna.models.info import training_flops
+
+    _, frames, _, height, width = batch["video"].shape
+    # Count the model's math, not activation recomputation. On meta, no weight file is read.
+    model = build_model(replace(pl_module.model_config, gradient_checkpointing=False), device="meta")
+    model.set_trainable(pl_module.trainable_components)
+    return int(training_flops(model, pl_module.conditions, frames, height, width)["training"])
+
+
+def mfu(flops_per_sample_: float, samples_per_s: float, peak_tflops: float, world_size: int) -> float:
+    """Achieved model FLOP/s over the peak FLOP/s of all devices."""
+    return flops_per_sample_ * samples_per_s / (peak_tflops * 1e12 * world_size)
+
+
+class TrainingTelemetry(L.Callback):
+    def __init__(self, peak_tflops: float | None = None, every_n_steps: int | None = None):
+        self.peak_tflops = float(peak_tflops) if peak_tflops else None
+        self.every_n_steps = every_n_steps
+        self.flops_per_sample: int | None = None
+        self._interval_start: float | None = None
+        self._wait_s = 0.0
+        self._samples = 0
+        self._batch_ready_at: float | None = None
+        self._last_step_end: float | None = None
+        self._grad_norm: float | None = None
+
+    def _interval(self, trainer) -> int:
+        return max(1, int(self.every_n_steps or trainer.log_every_n_steps or 1))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._interval_start = self._last_step_end = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self._wait_s += now - self._last_step_end
+        if self.flops_per_sample is None and self.peak_tflops and trainer.is_global_zero:
+            self.flops_per_sample = flops_per_sample(pl_module, batch)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+        if grads:
+            self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._samples += int(batch["video"].shape[0]) * trainer.world_size
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:
+            norm = engine.get_global_grad_norm()
+            self._grad_norm = float(norm) if norm is not None else None
+        step = trainer.global_step
+        now = time.perf_counter()
+        if step % self._interval(trainer) == 0 and self._interval_start is not None:
+            elapsed = max(now - self._interval_start, 1e-9)
+            metrics = {
+                "perf/samples_per_s": self._samples / elapsed,
+                "perf/data_wait_fraction": min(1.0, self._wait_s / elapsed),
+                "perf/peak_mem_gib": peak_memory_gib(pl_module.device),
+            }
+            if self._grad_norm is not None:
+                metrics["perf/grad_norm"] = self._grad_norm
+            if self.flops_per_sample and self.peak_tflops:
+                metrics["perf/mfu"] = mfu(self.flops_per_sample, metrics["perf/samples_per_s"], self.peak_tflops,
+                                          trainer.world_size)
+            loader = getattr(trainer.datamodule, "loader", None) if trainer.datamodule is not None else None
+            if loader is not None and hasattr(loader, "stats"):
+                metrics.update({f"data/{k}": float(v) for k, v in loader.stats().items()})
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+            self._interval_start, self._wait_s, self._samples = now, 0.0, 0
+        # Measured after the logging above so its cost counts as step time, not data wait.
+        self._last_step_end = time.perf_counter()
