@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import lightning as L
+import torch
 import pytest
 from torch.utils.data import DataLoader
 
@@ -54,3 +56,24 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
     assert all(0 < v < 1 for v in logged["perf/mfu"]) and all(v > 0 for v in logged["perf/samples_per_s"])
     assert logged["data/samples_drawn"][-1] >= 4 and logged["data/bad_samples"][-1] == 0
     assert all(math.isfinite(v) and v > 0 for v in logged["perf/grad_norm"] + logged["val/psnr"])
+
+
+def test_sample_videos_log_lpips_with_local_weights(tmp_path, shards):  # noqa: F811
+    """samples.lpips_weights: LPIPS-VGG built from a checksummed local manifest, logged as val/lpips."""
+    from xdyna.metrics.lpips import LPIPSVGG
+    from xdyna.metrics.weights import sha256_of
+
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in LPIPSVGG().features.state_dict().items()}, vgg)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"vgg16_imagenet": {"path": vgg.name, "sha256": sha256_of(vgg)}}))
+    result = train(tmp_path, shards, "logger=csv", "trainer.max_steps=1", f"samples.lpips_weights={manifest}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics_csv = Path(next(line.split(None, 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("metrics_csv")))
+    values = [float(row["val/lpips"]) for row in csv.DictReader(metrics_csv.open()) if row.get("val/lpips")]
+    assert values and all(0 <= v < 2 for v in values)
+
+    (tmp_path / "bad").mkdir()
+    bad = train(tmp_path / "bad", shards, "logger=none", "trainer.max_steps=1", f"samples.lpips_weights={tmp_path / 'none.json'}")
+    assert bad.returncode == 2 and "none.json" in bad.stderr and "Traceback" not in bad.stderr

@@ -20,8 +20,10 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import XDynaUserError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(XDynaUserError, RuntimeError):
     """A metric backbone's weights are missing, unlisted, corrupt or do not fit the network."""
 
 

@@ -84,6 +84,14 @@ def _face_detector():
         raise user_error(f"samples.face_det=true needs facenet-pytorch ({error}); pip install --no-deps facenet-pytorch") from None
 
 
+def _lpips_net(manifest_path: str):
+    """LPIPS-VGG from a local weights manifest (xdyna-eval's format: VGG16 trunk + LPIPS heads)."""
+    from ..metrics.lpips import build_lpips
+    from ..metrics.weights import WeightsManifest
+
+    return build_lpips(WeightsManifest.load(manifest_path))
+
+
 def run_training(cfg) -> dict[str, Any]:
     """Train one stage as configured; returns where its outputs went."""
     import lightning as L
@@ -136,6 +144,7 @@ def run_training(cfg) -> dict[str, Any]:
         fps=cfg.samples.fps,
         seed=cfg.seed,
         face_detector=_face_detector() if OmegaConf.select(cfg, "samples.face_det", default=False) else None,
+        lpips_net=_lpips_net(lpips_weights) if (lpips_weights := OmegaConf.select(cfg, "samples.lpips_weights")) else None,
     )
     logger = build_logger(cfg, run_dir)
     telemetry = TrainingTelemetry(peak_tflops=OmegaConf.select(cfg, "telemetry.peak_tflops", default=None))
