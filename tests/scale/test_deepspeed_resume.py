@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from datapipes.video import probe
+
 from xdyna.train import checkpointing
 from xdyna.train.export import build_model_from_hparams, load_components, read_checkpoint
 from xdyna.train.module import XDynaTrainingModule
@@ -36,6 +38,11 @@ def test_zero2_resume_matches_never_stopped_run_and_export_loads(tmp_path, shard
     shard_files = sorted(p.name for p in (step2 / "checkpoint").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shard_files
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shard_files
+    # Sample videos: each rank renders its share; rank 0 gathers them into one video (ranks stacked).
+    samples = tmp_path / "straight" / "samples"
+    per_rank = [probe((samples / f"step0000004_rank{r}.mp4").read_bytes()) for r in (0, 1)]
+    gathered = probe((samples / "step0000004.mp4").read_bytes())
+    assert gathered.height == 2 * per_rank[0].height and gathered.num_frames == per_rank[1].num_frames
 
     # A run "preempted" after step 2: only the step-2 checkpoint exists in its run directory.
     resumed_dir = tmp_path / "resumed" / "checkpoints"

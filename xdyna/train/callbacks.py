@@ -73,6 +73,12 @@ class SampleVideoCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.render(trainer, pl_module)
 
+    def _write(self, path: Path, frames: np.ndarray) -> Path:
+        tmp = path.with_suffix(".mp4.tmp")
+        tmp.write_bytes(encode_mp4(frames, self.fps))
+        tmp.replace(path)  # a reader (W&B, a person) never sees half a file
+        return path
+
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module) -> Path | None:
         if self.fixed_batch is None:
@@ -94,13 +100,20 @@ class SampleVideoCallback(L.Callback):
         )
         out_dir = Path(trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"step{trainer.global_step:07d}_rank{trainer.global_rank}.mp4"
-        tmp = path.with_suffix(".mp4.tmp")
-        tmp.write_bytes(encode_mp4(frames, self.fps))
-        tmp.replace(path)
-        self.last_video = path
+        path = self._write(out_dir / f"step{trainer.global_step:07d}_rank{trainer.global_rank}.mp4", frames)
         # The fixed batch's ground truth is the target clip: cheap fidelity metrics beside the video.
-        self.last_metrics = validation_metrics(generated, batch["video"], self.lpips_net, self.face_detector, prefix="val/")
+        metrics = validation_metrics(generated, batch["video"], self.lpips_net, self.face_detector, prefix="val/")
+        if trainer.world_size > 1:
+            # Every rank renders its own share at the same step (same schedule on all ranks), then
+            # all take part in the same collectives, so none waits on another that skipped them.
+            shares = trainer.strategy.all_gather(torch.from_numpy(frames).to(pl_module.device))
+            frames = torch.cat(list(shares.cpu()), dim=1).numpy()  # ranks stacked vertically
+            metrics = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="mean"))
+                       for k, v in metrics.items()}
+            if trainer.global_rank == 0:
+                path = self._write(out_dir / f"step{trainer.global_step:07d}.mp4", frames)
+        self.last_video = path
+        self.last_metrics = metrics
         if trainer.global_rank == 0:
             for logger in trainer.loggers:
                 logger.log_metrics(self.last_metrics, step=trainer.global_step)
