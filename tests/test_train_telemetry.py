@@ -52,6 +52,12 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
                 "val/psnr", "val/ssim"]
     missing = [k for k in expected if k not in logged]
     assert not missing, f"not logged: {missing}; logged: {sorted(logged)}"
+    # A step's telemetry and loss share one row (Lightning writes both, every log_every_n_steps);
+    # sample metrics (rendered after the last step) carry that step's index too.
+    loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    assert [int(row["step"]) for row in rows if row.get("perf/samples_per_s")] == loss_steps == [1, 3]
+    assert all(row.get("train/loss") for row in rows if row.get("perf/grad_norm"))
+    assert [int(row["step"]) for row in rows if row.get("val/psnr")] == [3]
     assert all(0 <= v <= 1 for v in logged["perf/data_wait_fraction"])
     assert all(0 < v < 1 for v in logged["perf/mfu"]) and all(v > 0 for v in logged["perf/samples_per_s"])
     assert logged["data/samples_drawn"][-1] >= 4 and logged["data/bad_samples"][-1] == 0

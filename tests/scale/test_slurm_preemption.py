@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,40 +13,13 @@ import pytest
 from xdyna.train import checkpointing
 from xdyna.train.export import read_checkpoint
 
+from .slurm_jobs import ENDED_BADLY, diagnose, release_requeue_hold, restarts, wait_for
 from .tiny_run import BIN, WEIGHT_ATOL, clean_env, tiny_overrides
 
 MAX_STEPS = 6
 # Long enough that the job is still training seconds after its step-2 checkpoint appears.
 STEP_SLEEP_S = 2
 JOB_TIMEOUT_S = 420
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    if not path.is_file():
-        return f"({path} does not exist)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-class JobFailure(AssertionError):
-    pass
-
-
-def diagnose(cluster, job_id: str, job_log: Path, message: str) -> JobFailure:
-    """An assertion error carrying everything needed to see why the job went wrong."""
-    scontrol = cluster.run(["scontrol", "show", "job", job_id], check=False).stdout
-    return JobFailure(
-        f"{message}\n--- scontrol show job {job_id}\n{scontrol}\n--- job log {job_log}\n{tail(job_log)}"
-        f"\n--- slurmctld.log\n{tail(cluster.work / 'log' / 'slurmctld.log', 30)}"
-    )
-
-
-def wait_for(predicate, timeout_s: float, on_timeout) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise on_timeout()
 
 
 @pytest.mark.slurm
@@ -74,7 +46,7 @@ def test_sigusr1_requeues_job_which_resumes_to_uninterrupted_weights(slurm_clust
     try:
         def job_failed() -> bool:
             state = slurm_cluster.job_state(job_id)
-            if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "COMPLETED"):
+            if state in (*ENDED_BADLY, "COMPLETED"):
                 raise diagnose(slurm_cluster, job_id, job_log, f"job ended ({state}) before it was signalled")
             return False
 
@@ -85,14 +57,10 @@ def test_sigusr1_requeues_job_which_resumes_to_uninterrupted_weights(slurm_clust
 
         def restarted_and_done() -> bool:
             state = slurm_cluster.job_state(job_id)
-            if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if state in ENDED_BADLY:
                 raise diagnose(slurm_cluster, job_id, job_log, f"job ended {state}")
-            restarts = int(slurm_cluster.job_field(job_id, "Restarts") or 0)
-            if restarts and state == "PENDING" and slurm_cluster.job_field(job_id, "Reason") == "BeginTime":
-                # slurmctld holds every requeued batch job for a fixed 120 s before it may start
-                # again; that wait is the scheduler's, not ours to test: release the job now.
-                slurm_cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
-            return state == "COMPLETED" and restarts >= 1
+            release_requeue_hold(slurm_cluster, job_id)
+            return state == "COMPLETED" and restarts(slurm_cluster, job_id) >= 1
 
         wait_for(restarted_and_done, JOB_TIMEOUT_S,
                  lambda: diagnose(slurm_cluster, job_id, job_log, "job did not requeue and complete in time"))
@@ -103,7 +71,7 @@ def test_sigusr1_requeues_job_which_resumes_to_uninterrupted_weights(slurm_clust
     assert reference.returncode == 0, reference_out[-3000:]
 
     log = job_log.read_text(errors="replace")
-    if int(slurm_cluster.job_field(job_id, "Restarts")) != 1:
+    if restarts(slurm_cluster, job_id) != 1:
         raise diagnose(slurm_cluster, job_id, job_log, "expected exactly one requeue")
     preempted = re.search(r"SIGUSR1 -> checkpoint (\S+) at step (\d+); requeued SLURM job (\d+)", log)
     if not preempted or preempted.group(3) != job_id:

@@ -1,9 +1,12 @@
 """A Hydra ``-m`` sweep through hydra-submitit-launcher on the real local SLURM cluster: both jobs
-run, each in its own run directory (``<sweep run id>_<job num>``), none overwriting the other."""
+run, each in its own run directory (``<sweep run id>_<job num>``), none overwriting the other, and
+a preempted sweep job requeues, resumes and finishes before the sweeping process returns."""
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +15,12 @@ from xdyna.train import checkpointing
 from xdyna.train.cli import sweep_job_run_id
 from xdyna.train.export import read_checkpoint
 
+from .slurm_jobs import ENDED_BADLY, diagnose, release_requeue_hold, restarts, tail, wait_for
 from .tiny_run import BIN, clean_env, tiny_overrides
 
-MAX_STEPS = 2
+MAX_STEPS = 6
+STEP_SLEEP_S = 2
+JOB_TIMEOUT_S = 420
 
 
 def test_sweep_job_run_id_is_stable_and_distinct():
@@ -24,22 +30,62 @@ def test_sweep_job_run_id_is_stable_and_distinct():
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_submitit_sweep_gives_every_job_its_own_run(slurm_cluster, shards, tmp_path):
+def test_sweep_jobs_train_apart_and_a_preempted_one_resumes_before_the_sweep_returns(slurm_cluster, shards, tmp_path):
+    """A 2-point sweep through hydra-submitit-launcher; job 0 gets SIGUSR2 mid-run (what
+    submitit's ``--signal=USR2@<lead>`` sends), requeues itself and resumes. The sweeping process
+    must not return before that restarted job has finished."""
     root = tmp_path / "runs"
-    done = subprocess.run(
+    sweep_log = tmp_path / "sweep.log"
+    sweep = subprocess.Popen(
         [str(BIN / "xdyna-train"), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=15",
          "hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=1",
-         *tiny_overrides(shards, root, "sweep", MAX_STEPS), "trainer/strategy=auto", "seed=0,1"],
-        cwd=tmp_path, env=clean_env(slurm_cluster.env), capture_output=True, text=True, timeout=420,
+         *tiny_overrides(shards, root, "sweep", MAX_STEPS), "trainer/strategy=auto",
+         f"debug.step_sleep_s={STEP_SLEEP_S}", "seed=0,1"],
+        cwd=tmp_path, env=clean_env(slurm_cluster.env), stdout=sweep_log.open("w"), stderr=subprocess.STDOUT,
     )
-    job_logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2000:]}"
-                         for p in sorted((root / "sweeps" / "sweep").glob(".submitit/*/*.err")))
-    assert done.returncode == 0, f"{done.stderr[-3000:]}\n{job_logs}"
+    submitit_dir = root / "sweeps" / "sweep" / ".submitit"
+    first_checkpoints = root / sweep_job_run_id("sweep", 0) / "checkpoints"
+
+    def job_logs() -> str:
+        return "\n".join(f"--- {p}\n{tail(p, 40)}" for p in sorted(submitit_dir.glob("*/*_log.*")))
+
+    def sweep_ended_early() -> AssertionError:
+        return AssertionError(f"sweep ended (rc {sweep.returncode}) before job 0 was signalled:\n"
+                              f"{tail(sweep_log)}\n{job_logs()}")
+
+    try:
+        def step_two_written() -> bool:
+            if sweep.poll() is not None:
+                raise sweep_ended_early()
+            return checkpointing.is_complete(first_checkpoints / checkpointing.checkpoint_name(2))
+
+        wait_for(step_two_written, JOB_TIMEOUT_S, lambda: AssertionError(f"no step-2 checkpoint of job 0:\n{job_logs()}"))
+        # submitit names array tasks' folders <array job id>_<task id>.
+        job_id = next(p.name for p in submitit_dir.iterdir() if p.name.endswith("_0"))
+        slurm_cluster.run(["scancel", "--signal=USR2", job_id])
+
+        def sweep_returned() -> bool:
+            if slurm_cluster.job_state(job_id) in ENDED_BADLY:
+                raise diagnose(slurm_cluster, job_id, submitit_dir / job_id / f"{job_id}_0_log.err", "job 0 ended badly")
+            release_requeue_hold(slurm_cluster, job_id)
+            return sweep.poll() is not None
+
+        wait_for(sweep_returned, JOB_TIMEOUT_S, lambda: AssertionError(f"sweep did not return in time:\n{job_logs()}"))
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, f"{tail(sweep_log)}\n{job_logs()}"
+    # When the sweep returned, job 0 had been requeued once and its restart had finished the run,
+    # resuming from the checkpoint the signal wrote (not from scratch).
+    assert restarts(slurm_cluster, job_id) == 1, job_logs()
+    assert checkpointing.newest_complete_checkpoint(first_checkpoints).name == checkpointing.checkpoint_name(MAX_STEPS), job_logs()
+    resumed = re.findall(r"resumed_from\s+(\S+)", (submitit_dir / job_id / f"{job_id}_0_log.out").read_text())
+    assert resumed and resumed[-1] != "None", job_logs()
+    assert 2 <= read_checkpoint(Path(resumed[-1]))[1]["global_step"] < MAX_STEPS
     weights = []
     for job_num in (0, 1):
-        run_dir = root / sweep_job_run_id("sweep", job_num)
-        newest = checkpointing.newest_complete_checkpoint(run_dir / "checkpoints")
-        assert newest is not None and newest.name == checkpointing.checkpoint_name(MAX_STEPS), (run_dir, job_logs)
+        newest = checkpointing.newest_complete_checkpoint(root / sweep_job_run_id("sweep", job_num) / "checkpoints")
+        assert newest is not None and newest.name == checkpointing.checkpoint_name(MAX_STEPS), (job_num, job_logs())
         state, meta = read_checkpoint(newest)
         assert meta["global_step"] == MAX_STEPS
         weights.append(state)

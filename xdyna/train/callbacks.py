@@ -15,6 +15,7 @@ from datapipes.video import encode_mp4
 from ..metrics.validation import validation_metrics
 from ..pipelines import sample_clip
 from .batches import to_float_batch
+from .telemetry import logged_step
 
 
 def to_uint8_frames(video: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
@@ -59,6 +60,7 @@ class SampleVideoCallback(L.Callback):
         self.seed = seed
         self.fixed_batch: dict[str, Any] | None = None
         self.last_video: Path | None = None
+        self.rendered_at_step: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.fixed_batch is None:
@@ -71,7 +73,8 @@ class SampleVideoCallback(L.Callback):
             self.render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.render(trainer, pl_module)
+        if self.rendered_at_step != trainer.global_step:  # the last step's samples may exist already
+            self.render(trainer, pl_module)
 
     def _write(self, path: Path, frames: np.ndarray) -> Path:
         tmp = path.with_suffix(".mp4.tmp")
@@ -114,12 +117,14 @@ class SampleVideoCallback(L.Callback):
                 path = self._write(out_dir / f"step{trainer.global_step:07d}.mp4", frames)
         self.last_video = path
         self.last_metrics = metrics
+        self.rendered_at_step = trainer.global_step
         if trainer.global_rank == 0:
+            step = logged_step(trainer)
             for logger in trainer.loggers:
-                logger.log_metrics(self.last_metrics, step=trainer.global_step)
+                logger.log_metrics(self.last_metrics, step=step)
                 if hasattr(logger, "log_video"):
                     # A file path: W&B's raw-array route needs moviepy to re-encode what we already encoded.
-                    logger.log_video("samples", [str(path)], step=trainer.global_step, format=["mp4"])
+                    logger.log_video("samples", [str(path)], step=step, format=["mp4"])
         return path
 
 

@@ -92,8 +92,24 @@ def _lpips_net(manifest_path: str):
     return build_lpips(WeightsManifest.load(manifest_path))
 
 
-def run_training(cfg) -> dict[str, Any]:
-    """Train one stage as configured; returns where its outputs went."""
+def run_training(cfg, preemption_signals=None) -> dict[str, Any]:
+    """Train one stage as configured; returns where its outputs went.
+
+    ``preemption_signals``: an installed :class:`~xdyna.train.signals.PreemptionSignals` (the
+    CLI installs one first thing); without one, one is installed here. Either way it stays
+    installed through the end-of-stage export and is restored on return."""
+    from .signals import PreemptionSignals
+
+    if preemption_signals is None:
+        preemption_signals = PreemptionSignals()
+        preemption_signals.install()
+    try:
+        return _run_training(cfg, preemption_signals)
+    finally:
+        preemption_signals.restore()
+
+
+def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
     from omegaconf import OmegaConf
@@ -131,10 +147,8 @@ def run_training(cfg) -> dict[str, Any]:
         every_n_steps=cfg.checkpoint.every_n_steps,
         keep=cfg.checkpoint.keep,
         resume=cfg.run.resume,
+        preemption_signals=preemption_signals,
     )
-    # Catch preemption signals from here on: a signal while the model loads is acted on at the
-    # first step end, and submitit's own handler (which would requeue too) is never reached.
-    scaleout.preemption.install()
     module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     samples = SampleVideoCallback(
@@ -186,6 +200,7 @@ def run_training(cfg) -> dict[str, Any]:
         "metrics_csv": str(Path(logger.log_dir) / "metrics.csv") if logger and cfg.logger.kind == "csv" else None,
         "resumed_from": ckpt_path,
         "preempted_at": scaleout.preemption.preempted_at_step,
+        "requeued": scaleout.preemption.requeued,
     }
     if trainer.global_rank == 0:
         print("\nxdyna-train " + ("preempted" if scaleout.preemption.preempted else "finished"))
@@ -195,20 +210,35 @@ def run_training(cfg) -> dict[str, Any]:
 
 
 def _task(cfg) -> None:
+    from .signals import PreemptionSignals
+
+    # First, before the heavy imports: from here on a preemption signal only sets a flag that
+    # training acts on at its next step end (no default action killing the job, no submitit
+    # handler requeueing it behind our back).
+    preemption_signals = PreemptionSignals()
+    preemption_signals.install()
+
     from ..errors import XDynaUserError
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep_job:
         cfg.run.id = sweep_job_run_id(cfg.run.id, hydra_cfg.job.num)
     try:
-        run_training(cfg)
+        outputs = run_training(cfg, preemption_signals)
     except (XDynaUserError, FileNotFoundError) as error:
         if os.environ.get("XDYNA_DEBUG"):
             raise
         raise user_error(str(error)) from None
+    if sweep_job and outputs["requeued"]:
+        # submitit pickles whatever a job function returns as the job's result, and the sweeping
+        # process takes a result as "job finished". A requeued job has not finished: leave
+        # without one (SystemExit passes through Hydra and submitit), so the sweeping process
+        # waits for the restarted job's result.
+        raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,9 @@
 **This callback is the one owner of requeue** for every xdyna job, whether started by
 ``xdyna-launch slurm`` (sbatch ``--signal=SIGUSR1@90``) or by Hydra's submitit launcher (which
 asks SLURM for SIGUSR2): Lightning's own SLURM auto-requeue is switched off
-(``SLURMEnvironment(auto_requeue=False)``), and the handlers installed here replace Lightning's
-and submitit's for these signals while training runs.
+(``SLURMEnvironment(auto_requeue=False)``), and the flag of :mod:`xdyna.train.signals` replaces
+Lightning's and submitit's handlers for these signals (``xdyna-train`` installs it before anything
+else and keeps it through the end-of-stage export).
 
 Why not Lightning's handler: it saves the checkpoint *inside* the signal handler, i.e. at an
 arbitrary point of the step and, under DeepSpeed, with collective calls that may interleave
@@ -23,20 +24,17 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 
 from xdyna.train.checkpoint_callbacks import save_step_checkpoint
+from xdyna.train.signals import DEFAULT_SIGNALS, PreemptionSignals
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
 
 def slurm_job_id(environ=os.environ) -> str | None:
@@ -55,42 +53,43 @@ def requeue_slurm_job(job_id: str) -> bool:
 
 
 class PreemptionHandler(L.Callback):
-    """Checkpoint + requeue on the configured signals; see the module docstring."""
+    """Checkpoint + requeue on the configured signals; see the module docstring.
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, signals=DEFAULT_SIGNALS, requeue: bool = True):
+    ``signals``: a :class:`PreemptionSignals` the caller installed and will restore itself
+    (``xdyna-train`` installs one before anything else and restores it after the end-of-stage
+    export, so no preemption signal ever reaches another handler while the job runs); without
+    one the handler catches ``DEFAULT_SIGNALS`` from ``setup`` to ``teardown``.
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike, signals: PreemptionSignals | None = None,
+                 requeue: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.signals = [getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals]
+        self._owns_signals = signals is None
+        self.signals = PreemptionSignals(DEFAULT_SIGNALS) if signals is None else signals
         self.requeue = requeue
-        self.received: int | None = None
         self.preempted_at_step: int | None = None
         self.checkpoint_path: Path | None = None
-        self._previous: dict[int, Any] = {}
+        # Set on every rank when the job asked SLURM to requeue it (rank 0 runs scontrol).
+        self.requeued = False
 
-    # Signal handlers run between bytecodes of the main thread: keep them to setting a flag.
-    def _on_signal(self, signum, _frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def install(self) -> None:
-        for sig in self.signals:
-            previous = signal.signal(sig, self._on_signal)
-            self._previous.setdefault(sig, previous)
-
-    def restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+    @property
+    def received(self) -> int | None:
+        return self.signals.received
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Early, so a signal during model/data setup is not fatal (SIGUSR1's default kills).
-        self.install()
+        self.signals.install()
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning registers its SIGTERM handler between setup and training: take it back.
-        self.install()
+        self.signals.install()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self.restore()
+        if self._owns_signals:
+            self.signals.restore()
+        else:
+            # Lightning's signal connector may have put its own handler back at teardown.
+            self.signals.install()
 
     @property
     def preempted(self) -> bool:
@@ -105,17 +104,18 @@ class PreemptionHandler(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.preempted or not self._agreed(trainer):
             return
-        name = signal.Signals(self.received).name if self.received is not None else "a peer's signal"
+        name = self.signals.name or "a peer's signal"
         self.checkpoint_path = save_step_checkpoint(trainer, self.checkpoint_dir)
         self.preempted_at_step = trainer.global_step
         job_id = slurm_job_id()
-        requeued = False
+        self.requeued = bool(self.requeue and job_id)
         if trainer.is_global_zero:
-            if self.requeue and job_id:
-                requeued = requeue_slurm_job(job_id)
-            print(
-                f"xdyna-train: {name} -> checkpoint {self.checkpoint_path} at step {trainer.global_step}; "
-                + (f"requeued SLURM job {job_id}" if requeued else "not requeued (no SLURM job or requeue off)"),
-                flush=True,
-            )
+            if not self.requeued:
+                outcome = "not requeued (no SLURM job or requeue off)"
+            elif requeue_slurm_job(job_id):
+                outcome = f"requeued SLURM job {job_id}"
+            else:
+                outcome = f"requeue of SLURM job {job_id} FAILED (scontrol's error above); resubmit the same command to resume"
+            print(f"xdyna-train: {name} -> checkpoint {self.checkpoint_path} at step {trainer.global_step}; {outcome}",
+                  flush=True)
         trainer.should_stop = True

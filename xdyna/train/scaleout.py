@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from xdyna.train import checkpointing
 from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, StepCheckpoints
-from xdyna.train.preemption import DEFAULT_SIGNALS, PreemptionHandler
+from xdyna.train.preemption import PreemptionHandler
+from xdyna.train.signals import PreemptionSignals
 from xdyna.train.strategies import checkpoint_plugins, make_strategy
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -44,10 +45,12 @@ def build_scaleout(
     every_n_steps: int,
     keep: int,
     resume: bool = True,
-    preemption_signals=DEFAULT_SIGNALS,
+    preemption_signals: PreemptionSignals | None = None,
     requeue: bool = True,
 ) -> ScaleOut:
-    """Turn ``cfg.trainer`` (with its ``strategy`` group) into Trainer kwargs + callbacks."""
+    """Turn ``cfg.trainer`` (with its ``strategy`` group) into Trainer kwargs + callbacks.
+
+    ``preemption_signals``: an installed flag the caller owns (see :class:`PreemptionHandler`)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     trainer_kwargs = dict(trainer_cfg)

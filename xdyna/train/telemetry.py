@@ -53,15 +53,21 @@ def flops_per_sample(pl_module, batch: dict[str, Any]) -> int:
     return int(training_flops(model, pl_module.conditions, frames, height, width)["training"])
 
 
+def logged_step(trainer) -> int:
+    """The step under which Lightning writes what ``self.log`` gets during optimizer step
+    ``trainer.global_step`` (its 0-based index; ``train/loss`` rows carry it). Metrics of that
+    step handed straight to a logger use it too, so that they line up with the loss."""
+    return max(trainer.global_step - 1, 0)
+
+
 def mfu(flops_per_sample_: float, samples_per_s: float, peak_tflops: float, world_size: int) -> float:
     """Achieved model FLOP/s over the peak FLOP/s of all devices."""
     return flops_per_sample_ * samples_per_s / (peak_tflops * 1e12 * world_size)
 
 
 class TrainingTelemetry(L.Callback):
-    def __init__(self, peak_tflops: float | None = None, every_n_steps: int | None = None):
+    def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = float(peak_tflops) if peak_tflops else None
-        self.every_n_steps = every_n_steps
         self.flops_per_sample: int | None = None
         self._interval_start: float | None = None
         self._wait_s = 0.0
@@ -70,8 +76,11 @@ class TrainingTelemetry(L.Callback):
         self._last_step_end: float | None = None
         self._grad_norm: float | None = None
 
-    def _interval(self, trainer) -> int:
-        return max(1, int(self.every_n_steps or trainer.log_every_n_steps or 1))
+    @staticmethod
+    def _interval(trainer) -> int:
+        # Lightning's own logging interval: it writes what is logged here in the same row (same
+        # step) as the module's train/loss.
+        return max(1, int(trainer.log_every_n_steps or 1))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._interval_start = self._last_step_end = time.perf_counter()
@@ -111,9 +120,8 @@ class TrainingTelemetry(L.Callback):
             loader = getattr(trainer.datamodule, "loader", None) if trainer.datamodule is not None else None
             if loader is not None and hasattr(loader, "stats"):
                 metrics.update({f"data/{k}": float(v) for k, v in loader.stats().items()})
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=step)
+            # Through Lightning (rank 0's loggers write), so a row holds one step's loss and telemetry.
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
             self._interval_start, self._wait_s, self._samples = now, 0.0, 0
         # Measured after the logging above so its cost counts as step time, not data wait.
         self._last_step_end = time.perf_counter()
