@@ -132,6 +132,51 @@ class ResizeCrop:
 FaceReenactor = Callable[[torch.Tensor, list, np.random.Generator], torch.Tensor]
 
 
+def import_object(target: str, what: str):
+    """``"package.module:attribute"`` -> the attribute; errors name ``what`` and the target."""
+    import importlib
+
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{what} must be 'package.module:attribute', got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{what}={target!r}: cannot import {module_name!r} ({error})") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"{what}={target!r}: module {module_name!r} has no {attribute!r}") from None
+
+
+class ImportedFaceReenactor:
+    """The ``data.face_reenactor`` hook: ``factory(**kwargs)`` from ``"module:factory"`` must return
+    a :data:`FaceReenactor`. Built on first use in each worker process, so a re-enactment model
+    inside it is loaded where it runs and never pickled between processes."""
+
+    def __init__(self, target: str, kwargs: dict | None = None):
+        self.target, self.kwargs = target, dict(kwargs or {})
+        self.factory = import_object(target, "face_reenactor")  # fails at config time, not in a worker
+        if not callable(self.factory):
+            raise ValueError(f"face_reenactor={target!r} is not callable")
+        self._built: FaceReenactor | None = None
+
+    def __getstate__(self) -> dict:
+        return {"target": self.target, "kwargs": self.kwargs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["target"], state["kwargs"])
+
+    def __call__(self, frames: torch.Tensor, faces: list, rng: np.random.Generator) -> torch.Tensor:
+        if self._built is None:
+            self._built = self.factory(**self.kwargs)
+        out = self._built(frames, faces, rng)
+        if not isinstance(out, torch.Tensor) or out.shape != frames.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"face_reenactor {self.target!r} returned {got}; want frames of shape {tuple(frames.shape)}")
+        return out
+
+
 def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
               face_reenactor: FaceReenactor | None = None) -> tuple[int, dict]:
     """``(bucket index, sample dict)`` for one raw sample; raises :class:`BadSample`."""

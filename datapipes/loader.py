@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datapipes import shards
 from datapipes.clips import (CROP_MODES, POSE_SOURCES, REFERENCE_MODES, BadSample, ClipSpec,
-                             collate, load_clip, to_batch_contract)
+                             ImportedFaceReenactor, collate, import_object, load_clip,
+                             to_batch_contract)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class ClipLoaderConfig:
     reference: str = "outside"                # outside | inside | any (of the clip)
     with_face: bool = False
     face_landmarks_in_pose: bool = False      # w/lmk ablation: face.json landmarks drawn into pose
+    face_reenactor: str | None = None         # "module:factory" -> cross-identity face hook (with_face)
+    face_reenactor_kwargs: dict | None = None  # keyword arguments of that factory
     pose_from: str = "auto"                   # auto | video | keypoints
     batch_size: int = 2
     num_workers: int = 0
@@ -101,6 +104,13 @@ class ClipLoaderConfig:
             problems.append("batches_per_epoch must be >= 1 when resample is true")
         if self.output_dtype not in OUTPUT_DTYPES:
             problems.append(f"output_dtype must be one of {OUTPUT_DTYPES}, got {self.output_dtype!r}")
+        if self.face_reenactor is not None:
+            if not self.with_face:
+                problems.append("face_reenactor is set but with_face is false (it only changes the S-Face maps)")
+            try:
+                import_object(self.face_reenactor, "face_reenactor")
+            except ValueError as error:
+                problems.append(str(error))
         if self.open_shards < 1 or self.mix_queue < 1:
             problems.append("open_shards and mix_queue must be >= 1")
         for bucket in self.clip_spec().buckets:
@@ -361,6 +371,8 @@ class ClipLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        if face_reenactor is None and cfg.face_reenactor:
+            face_reenactor = ImportedFaceReenactor(cfg.face_reenactor, cfg.face_reenactor_kwargs)
         self.face_reenactor = face_reenactor
         sources = [shards.expand_shard_urls(cfg.shards)]
         if cfg.scene_shards is not None:
@@ -405,6 +417,9 @@ class ClipLoader:
         for volatile in ("prefetch_factor", "start_method", "max_bad_fraction",
                          "bad_fraction_min_samples", "decode_threads", "output_dtype"):
             fields.pop(volatile)
+        for added in ("face_reenactor", "face_reenactor_kwargs"):
+            if fields[added] is None:  # keys added later: unset, they keep older checkpoints' fingerprint
+                fields.pop(added)
         fields["sources"] = self.sources
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

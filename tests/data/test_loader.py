@@ -199,3 +199,38 @@ def test_bad_sample_ceiling_stops_with_a_clear_error(tmp_path):
     with pytest.raises(BadSampleCeilingError, match="max_bad_fraction") as info:
         list(loader)
     assert "truncated" in str(info.value) or "zero-bytes" in str(info.value)
+
+
+def test_configured_face_reenactor_builds_in_workers_and_only_changes_the_face_maps(portrait_shards):
+    settings = dict(with_face=True, scene_probability=0.5, batches_per_epoch=3, num_workers=2, start_method="spawn")
+    plain = list(build_clip_loader(loader_config(portrait_shards, **settings), 0, 1))
+    reenacted = list(build_clip_loader(loader_config(
+        portrait_shards, face_reenactor="tests.data.reenactors:constant_face",
+        face_reenactor_kwargs={"value": 0.5}, **settings), 0, 1))
+    grey = torch.tensor(128 / 255)   # 0.5 as the uint8 the worker ships, scaled back
+    for before, after in zip(plain, reenacted, strict=True):
+        assert after["__key__"] == before["__key__"]
+        for name in ("video", "reference", "pose"):
+            assert torch.equal(after[name], before[name]), name
+        face = after["face"]
+        assert set(face.unique().tolist()) <= {0.0, grey.item()}
+        assert torch.all(face[before["face"] > 0] == grey)   # the hook's frames fill the same masks
+        human = ~after["is_scene"]
+        if human.any():
+            assert (face[human] == grey).any()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("tests.data.reenactors", "must be 'package.module:attribute'"),
+    ("tests.data.no_such_module:f", "cannot import 'tests.data.no_such_module'"),
+    ("tests.data.reenactors:missing", "has no 'missing'"),
+    ("tests.data.reenactors:NOT_CALLABLE", "is not callable"),
+])
+def test_bad_face_reenactor_is_rejected_naming_it(portrait_shards, target, message):
+    with pytest.raises(ValueError, match=message):
+        build_clip_loader(loader_config(portrait_shards, with_face=True, face_reenactor=target), 0, 1)
+
+
+def test_face_reenactor_without_face_maps_is_a_config_error(portrait_shards):
+    with pytest.raises(ValueError, match="with_face is false"):
+        build_clip_loader(loader_config(portrait_shards, face_reenactor="tests.data.reenactors:constant_face"), 0, 1)
