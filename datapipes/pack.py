@@ -38,7 +38,8 @@ class PackItem:
 @dataclass
 class PackOptions:
     rules: Rules = field(default_factory=Rules)
-    face_detector: str | None = None   # "mtcnn": compute face tracks where none is given
+    face_detector: str | None = None   # "mtcnn": compute face tracks where none is given ...
+    face_landmarks_model: str | None = None  # ... with 68 points from this local .onnx (else MTCNN's 5)
     require_pose: bool = True          # human clips need a pose video or keypoints
     pose_estimator: str | None = None  # "dwpose": estimate keypoints where no pose is given ...
     pose_model: str | None = None      # ... with this local model file
@@ -159,7 +160,8 @@ def prepare_sample(item: PackItem, options: PackOptions) -> dict:
     if item.kind == "human" and shards.FACE not in members and options.face_detector:
         from datapipes.facetrack import detect_face_track
 
-        track = detect_face_track(members[shards.VIDEO], key, detector=options.face_detector)
+        track = detect_face_track(members[shards.VIDEO], key, detector=options.face_detector,
+                                  landmarks_model=options.face_landmarks_model)
         members[shards.FACE] = json.dumps(track, separators=(",", ":")).encode()
     meta = dict(facts, kind=item.kind, source=item.source or item.video, license=item.license)
     return {"__key__": key, **members, shards.META: json.dumps(meta, sort_keys=True).encode()}
@@ -172,6 +174,16 @@ def check_pose_estimator(name: str, model_path: str | None) -> None:
     from datapipes.pose_estimator import make_pose_estimator
 
     make_pose_estimator(name, model_path)
+
+
+def check_face_model(options: PackOptions) -> None:
+    """Like :func:`check_pose_estimator`, for the face detector and the 68-point model."""
+    if options.face_landmarks_model and not options.face_detector:
+        raise ValueError("a 68-point landmark model needs a face detector for its boxes (--face-detector mtcnn)")
+    if options.face_detector:
+        from datapipes.facetrack import load_face_model
+
+        load_face_model(options.face_detector, options.face_landmarks_model)
 
 
 def _prepare(job: tuple[PackItem, PackOptions]) -> tuple[PackItem, dict | None, str | None]:
@@ -193,6 +205,7 @@ def pack(items: list[PackItem], out_dir: str, options: PackOptions | None = None
     options = options or PackOptions()
     if options.pose_estimator:
         check_pose_estimator(options.pose_estimator, options.pose_model)
+    check_face_model(options)
     if os.path.isdir(out_dir) and any(name.endswith(".tar") for name in os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir!r} already holds .tar shards; choose an empty directory")
     os.makedirs(out_dir, exist_ok=True)

@@ -32,7 +32,8 @@ def _pack(args: argparse.Namespace) -> int:
     else:
         items = items_from_folder(args.input, kind=args.kind, license=args.license)
     options = PackOptions(Rules(args.min_frames, args.min_height, args.min_width, args.verify),
-                          face_detector=args.face_detector, require_pose=not args.allow_missing_pose,
+                          face_detector=args.face_detector, face_landmarks_model=args.face_landmarks_model,
+                          require_pose=not args.allow_missing_pose,
                           pose_estimator=args.pose_estimator, pose_model=args.pose_model)
     summary = pack(items, args.out, options, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
                    workers=args.workers, prefix=args.prefix, progress=sys.stderr.isatty())
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="decode check: open, ends (first/middle/last frame) or full")
     pack.add_argument("--face-detector", choices=("mtcnn",), default=None,
                       help="compute face tracks (facenet-pytorch MTCNN) for human clips without one")
+    pack.add_argument("--face-landmarks-model", default=None, metavar="PATH",
+                      help="local 68-point landmark .onnx run on the detector's faces (iBUG 68 points in "
+                           "face.json instead of MTCNN's 5; docs/data.md lists the accepted model shapes)")
     pack.add_argument("--pose-estimator", choices=("dwpose",), default=None,
                       help="estimate keypoints (pose.json) for human clips without pose video or keypoints")
     pack.add_argument("--pose-model", default=None, metavar="PATH",
