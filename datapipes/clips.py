@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from datapipes import shards
 from datapipes.face import FaceFrame, SFaceGeometry, face_track_from_json, s_face_maps
@@ -109,14 +110,19 @@ class ResizeCrop:
 
     def frames(self, frames: np.ndarray) -> torch.Tensor:
         """``uint8 (T, h, w, 3)`` frames of any size with this source's aspect ->
-        ``uint8 (T, 3, H, W)``. Without a resize this is a crop of the decoded frames and never
-        touches floats (the cheap path at full resolution)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        ``uint8 (T, 3, H, W)`` in channels-last memory (the decoder's layout).
+
+        Without a resize this is a view of the decoded frames: no copy and no transpose here
+        (at 896x512 a channels-first copy costs a tenth of the clip's decode time); the one copy
+        a frame needs happens when :func:`collate` stacks the batch, straight into shared memory.
+        """
+        tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # no copy when contiguous
         if tuple(tensor.shape[-2:]) != self.resized:
-            tensor = _to_uint8(F.interpolate(tensor.float(), size=self.resized, mode="bilinear",
-                                             antialias=True, align_corners=False))
+            tensor = _to_uint8(F.interpolate(tensor.float().contiguous(memory_format=torch.channels_last),
+                                             size=self.resized, mode="bilinear", antialias=True,
+                                             align_corners=False))
         height, width = self.target
-        return tensor[:, :, self.top:self.top + height, self.left:self.left + width].contiguous()
+        return tensor[:, :, self.top:self.top + height, self.left:self.left + width]
 
     def point_transform(self, source_height: int, source_width: int) -> tuple[float, float, float, float]:
         """``(scale_x, scale_y, shift_x, shift_y)`` taking pixel coordinates of a
@@ -209,10 +215,13 @@ def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
     geometry = ResizeCrop.plan(source, spec.buckets[bucket], spec.crop, rng)
     # Samples travel from workers as uint8 (4x less inter-process traffic than float32);
     # to_batch_contract() scales them in the main process.
-    video_frames = geometry.frames(decoded[[position[int(i)] for i in clip]])
+    video_frames = geometry.frames(_rows(decoded, [position[int(i)] for i in clip]))
+    reference_row = position[reference_index]
     sample = {
         "video": video_frames,
-        "reference": geometry.frames(decoded[[position[reference_index]]])[0],
+        "reference": geometry.frames(decoded[reference_row:reference_row + 1])[0],
+        "frame_index": torch.from_numpy(clip.astype(np.int64)),
+        "reference_index": torch.tensor(reference_index, dtype=torch.int64),
         "is_scene": kind == "scene",
         "__key__": key,
     }
@@ -261,7 +270,7 @@ def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
             points[:, 0] = points[:, 0] * scale_x + shift_x
             points[:, 1] = points[:, 1] * scale_y + shift_y
             rendered.append(render_pose(points, height, width, no_head=True))
-        return torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2)
     wanted = {"auto": "pose.mp4 or pose.json", "video": "pose.mp4", "keypoints": "pose.json"}[spec.pose_from]
     raise BadSample(key, f"human clip has no {wanted} member")
 
@@ -286,7 +295,7 @@ def _face_track(raw: shards.RawSample, key: str, clip: np.ndarray, count: int,
 def _with_face_landmarks(pose: torch.Tensor, faces: list[FaceFrame | None]) -> torch.Tensor:
     frames = pose.permute(0, 2, 3, 1).numpy()
     drawn = [frame if face is None else draw_face_landmarks(frame, face.points) for frame, face in zip(frames, faces)]
-    return torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2)
 
 
 def _face(raw: shards.RawSample, key: str, clip: np.ndarray, count: int, geometry: ResizeCrop,
@@ -299,25 +308,55 @@ def _face(raw: shards.RawSample, key: str, clip: np.ndarray, count: int, geometr
     return _to_uint8(s_face_maps(frames01, faces, SFaceGeometry()) * 255.0)
 
 
+def _rows(array: np.ndarray, rows: list[int]) -> np.ndarray:
+    """``array[rows]``, as a view when the rows are consecutive (the clip without a reference
+    frame decoded between its frames: always for ``reference`` outside or inside the clip)."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return array[rows[0]:rows[0] + len(rows)]
+    return array[rows]
+
+
 def _to_uint8(values: torch.Tensor) -> torch.Tensor:
     return values.round().clamp_(0, 255).to(torch.uint8)
 
 
 def to_batch_contract(batch: dict) -> dict:
     """uint8 batch from a worker -> the float32 batch contract: video and reference in
-    [-1, 1], pose and face in [0, 1] (an all-zero condition stays exactly zero)."""
-    for name in ("video", "reference"):
-        batch[name] = batch[name].float().div_(127.5).sub_(1.0)
-    for name in ("pose", "face"):
+    [-1, 1], pose and face in [0, 1] (an all-zero condition stays exactly zero), contiguous
+    (channels-first memory; the uint8 batch is channels-last, see :func:`collate`)."""
+    for name in IMAGE_KEYS[:2]:
+        batch[name] = batch[name].to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    for name in IMAGE_KEYS[2:]:
         if name in batch:
-            batch[name] = batch[name].float().div_(255.0)
+            batch[name] = batch[name].to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
     return batch
+
+
+IMAGE_KEYS = ("video", "reference", "pose", "face")
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack samples of one bucket into the batch contract of docs/design.md."""
-    batch = {name: torch.stack([s[name] for s in samples]) for name in samples[0]
-             if isinstance(samples[0][name], torch.Tensor)}
+    """Stack samples of one bucket into the batch contract of docs/design.md, as uint8.
+
+    Image tensors keep the decoder's channels-last memory: ``(B, T, 3, H, W)`` views of
+    ``(B, T, H, W, 3)`` storage, so stacking is a plain copy, not a transpose. In a DataLoader
+    worker that storage is allocated in shared memory (as torch's default_collate does), so
+    sending the batch to the main process copies nothing more.
+    """
+    batch = {name: _stack_channels_last([s[name] for s in samples]) if name in IMAGE_KEYS
+             else torch.stack([s[name] for s in samples])
+             for name in samples[0] if isinstance(samples[0][name], torch.Tensor)}
     batch["is_scene"] = torch.tensor([s["is_scene"] for s in samples], dtype=torch.bool)
     batch["__key__"] = [s["__key__"] for s in samples]
     return batch
+
+
+def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
+    """``[(..., C, H, W)] * B -> (B, ..., C, H, W)`` stored as ``(B, ..., H, W, C)``."""
+    last = [image.movedim(-3, -1) for image in images]
+    out = None
+    if get_worker_info() is not None:
+        numel = len(last) * last[0].numel()
+        storage = last[0]._typed_storage()._new_shared(numel, device=last[0].device)
+        out = last[0].new(storage).resize_(len(last), *last[0].shape)
+    return torch.stack(last, out=out).movedim(-1, -3)

@@ -31,7 +31,12 @@ def test_batches_follow_the_batch_contract(portrait_shards):
     assert len(batches) == len(loader) == 8
     seen_scene = seen_human = False
     for batch in batches:
-        assert set(batch) == {"video", "reference", "pose", "face", "is_scene", "__key__"}
+        assert set(batch) == {"video", "reference", "pose", "face", "frame_index", "reference_index", "is_scene", "__key__"}
+        assert batch["frame_index"].shape == (2, 4) and batch["reference_index"].shape == (2,)
+        assert torch.all(batch["frame_index"].diff(dim=1) == 2)   # frame_stride
+        # reference "outside" (the default): never within the clip's span
+        outside = (batch["reference_index"] < batch["frame_index"][:, 0]) | (batch["reference_index"] > batch["frame_index"][:, -1])
+        assert outside.all()
         assert batch["video"].shape == (2, 4, 3, 64, 32) and batch["video"].dtype == torch.float32
         assert batch["reference"].shape == (2, 3, 64, 32)
         assert batch["pose"].shape == (2, 4, 3, 64, 32) and batch["face"].shape == (2, 4, 6, 64, 32)

@@ -10,7 +10,9 @@ in rounds so that all see the same machine load:
 * ``decoder``: the decoder's own limit, decoding the same frames from bytes in memory with
   nothing else (no tar reading, no tensors, no IPC).
 
-Run: ``python -m tools.benchmarks.bench_data --clips 12 --rounds 3 --workers 2``. Uses the example videos in
+All ways decode exactly the frames our loader samples (see :func:`bench`).
+
+Run: ``python -m tools.benchmarks.bench_data --clips 16 --rounds 3 --workers 2``. Uses the example videos in
 ../shared/data/xdyna_examples when present, else synthetic 896x512 clips.
 """
 from __future__ import annotations
@@ -43,31 +45,23 @@ def _sources(copies: int) -> list[tuple[bytes, bytes]]:
     return [pairs[i % len(pairs)] for i in range(copies)]
 
 
-def _plan(rng, count):
-    span = (FRAMES - 1) * STRIDE + 1
-    start = int(rng.integers(0, count - span + 1))
-    clip = start + STRIDE * np.arange(FRAMES)
-    reference = int(rng.integers(count))
-    return clip, reference
-
-
 class PeerDataset:
-    """What peers do: one file path per sample, decode in __getitem__."""
+    """What peers do: one file path per sample, decode in __getitem__ (here the frames our
+    loader chose, so that every way decodes the same frames)."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, items):
+        self.items = items  # (video path, pose path, clip frame indices, reference index)
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, index):
         import decord
         import torch
 
-        video_path, pose_path = self.paths[index]
+        video_path, pose_path, clip, reference = self.items[index]
         video = decord.VideoReader(video_path, num_threads=1)
         pose = decord.VideoReader(pose_path, num_threads=1)
-        clip, reference = _plan(np.random.default_rng(index), len(video))
         frames = video.get_batch(list(clip) + [reference]).asnumpy()
         pose_frames = pose.get_batch(list(clip)).asnumpy()
         tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -78,28 +72,33 @@ class PeerDataset:
 def _decode_only(job):
     import decord
 
-    index, video_bytes, pose_bytes = job
+    video_bytes, pose_bytes, clip, reference = job
     video = decord.VideoReader(io.BytesIO(video_bytes), num_threads=1)
     pose = decord.VideoReader(io.BytesIO(pose_bytes), num_threads=1)
-    clip, reference = _plan(np.random.default_rng(index), len(video))
     video.get_batch(sorted(set(clip) | {reference})).asnumpy()
     pose.get_batch(list(clip)).asnumpy()
-    return index
+    return clip
 
 
-def _arrivals(items, count: int) -> list[float]:
-    """Start time followed by the arrival time of each of ``count`` items."""
-    stamps = [time.perf_counter()]
-    for _, _item in zip(range(count), items):
+def _arrivals(items, count: int, frames_of) -> tuple[list[float], list[list[int]]]:
+    """Start time followed by the arrival time of each of ``count`` items, and each item's clip
+    frame indices (``frames_of(item)``, ``None`` where a way does not report them)."""
+    stamps, frames = [time.perf_counter()], []
+    for _, item in zip(range(count), items):
         stamps.append(time.perf_counter())
+        frames.append(frames_of(item))
     if len(stamps) != count + 1:
         raise RuntimeError(f"expected {count} clips, got {len(stamps) - 1}")
-    return stamps
+    return stamps, frames
 
 
 def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
     """``rounds`` rounds; each runs every way on ``clips`` clips, in a rotated order, so all
-    ways see the same machine load. Two rates per way, summed over rounds:
+    ways see the same machine load. Every way decodes the same frames: an untimed pass of our
+    loader per round's seed records which clip and reference frames of which video it samples
+    (``frame_index``, ``reference_index``), and the peer and decoder ways replay that plan
+    (decode cost depends on where a clip starts relative to the video's keyframes, so drawing
+    separate random clips would compare different work). Two rates per way, summed over rounds:
 
     * ``steady``: clips after the first ``workers`` divided by the time from the
       ``workers``-th clip to the last: throughput once the pipeline is full (what a long epoch
@@ -114,17 +113,18 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
     if clips <= workers:
         raise ValueError(f"--clips ({clips}) must exceed --workers ({workers}) to measure a steady rate")
     pairs = _sources(max(clips, 8))
-    paths = []
+    paths, index_of = [], {}
     with shards.ShardSink(os.path.join(workdir, "shards"), "bench", max_count=4) as sink:
         for index, (video, pose) in enumerate(pairs):
             meta = {"fps": 8.0, "num_frames": 0, "height": HEIGHT, "width": WIDTH, "kind": "human",
                     "source": "bench", "license": "Apache-2.0"}
-            sink.write(shards.make_sample(f"clip-{index:04d}", video, meta, pose_video=pose))
-            video_path, pose_path = (os.path.join(workdir, f"clip-{index:04d}{s}.mp4") for s in ("", ".pose"))
+            key = f"clip-{index:04d}"
+            sink.write(shards.make_sample(key, video, meta, pose_video=pose))
+            video_path, pose_path = (os.path.join(workdir, f"{key}{s}.mp4") for s in ("", ".pose"))
             Path(video_path).write_bytes(video)
             Path(pose_path).write_bytes(pose)
             paths.append((video_path, pose_path))
-    jobs = [(i, video, pose) for i, (video, pose) in enumerate(pairs[:clips])]
+            index_of[key] = index
 
     def shard_loader(output_dtype: str, seed: int):
         cfg = ClipLoaderConfig(shards=os.path.join(workdir, "shards"), scene_probability=None,
@@ -133,12 +133,20 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
                                reference="any", crop="center", seed=seed, output_dtype=output_dtype)
         return iter(build_clip_loader(cfg, 0, 1))
 
-    def peer_loader(seed: int):
-        import torch
+    # The plan of each round: (source index, clip frames, reference frame) per clip, in order.
+    # uint8 and float32 loaders with the same seed sample the same clips.
+    plans = [[(index_of[batch["__key__"][0]], batch["frame_index"][0].tolist(), int(batch["reference_index"][0]))
+              for batch in shard_loader("uint8", seed)] for seed in range(rounds)]
+    decoder_jobs = [[(*pairs[source], clip, reference) for source, clip, reference in plan] for plan in plans]
 
-        generator = torch.Generator().manual_seed(seed)
-        return iter(DataLoader(PeerDataset(paths[:clips]), batch_size=None, num_workers=workers,
-                               shuffle=True, generator=generator))
+    def peer_loader(plan):
+        items = [(*paths[source], clip, reference) for source, clip, reference in plan]
+        return iter(DataLoader(PeerDataset(items), batch_size=None, num_workers=workers, shuffle=False))
+
+    def clip_frames(way):
+        if way.startswith("shards"):
+            return lambda batch: batch["frame_index"][0].tolist()
+        return (lambda clip: list(clip)) if way == "decoder" else (lambda _batch: None)
 
     results = {"clips_per_round": clips, "rounds": rounds, "workers": workers, "frames": FRAMES,
                "stride": STRIDE, "size": f"{HEIGHT}x{WIDTH}", "cpu_count": os.cpu_count(),
@@ -147,17 +155,20 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
     steady = {way: [0, 0.0] for way in ways}
     wall = {way: [0, 0.0] for way in ways}
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pool.map(_decode_only, jobs[:workers])   # warm the processes
+        pool.map(_decode_only, decoder_jobs[0][:workers])   # warm the processes
         for round_index in range(rounds):
             order = ways[round_index % len(ways):] + ways[:round_index % len(ways)]
             for way in order:
                 if way == "decoder":
-                    items = pool.imap(_decode_only, jobs, chunksize=1)
+                    items = pool.imap(_decode_only, decoder_jobs[round_index], chunksize=1)
                 elif way == "peer":
-                    items = peer_loader(round_index)
+                    items = peer_loader(plans[round_index])
                 else:
                     items = shard_loader(way.split("_")[1], round_index)
-                stamps = _arrivals(items, clips)
+                stamps, frames = _arrivals(items, clips, clip_frames(way))
+                planned = [clip for _, clip, _ in plans[round_index]]
+                if way != "peer" and frames != planned:
+                    raise RuntimeError(f"{way} decoded other clips than the plan of round {round_index}")
                 steady[way][0] += clips - workers
                 steady[way][1] += stamps[-1] - stamps[workers]
                 wall[way][0] += clips

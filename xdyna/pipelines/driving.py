@@ -89,7 +89,7 @@ def center_geometry(source_hw: tuple[int, int], size: tuple[int, int]) -> Resize
 
 def fit_frames(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """``uint8 (T, h, w, 3)`` -> ``float32 (T, 3, H, W)`` in [0, 1], cover-resized and centre-cropped."""
-    return center_geometry(frames.shape[1:3], size).frames(frames) / 255.0
+    return center_geometry(frames.shape[1:3], size).frames(frames).to(torch.float32, memory_format=torch.contiguous_format) / 255.0
 
 
 def prepare_reference(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

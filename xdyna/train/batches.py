@@ -20,6 +20,7 @@ def to_float_batch(batch: Mapping[str, Any], dtype: torch.dtype = torch.float32)
     for key in SIGNED + UNSIGNED:
         value = out.get(key)
         if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-            scaled = value.to(dtype) / 255.0
+            # Contiguous: the loader's uint8 images are channels-last views (datapipes.clips.collate).
+            scaled = value.to(dtype, memory_format=torch.contiguous_format) / 255.0
             out[key] = scaled * 2 - 1 if key in SIGNED else scaled
     return out
