@@ -19,6 +19,7 @@ from torch.utils.data import get_worker_info
 
 from datapipes import shards
 from datapipes.face import FaceFrame, SFaceGeometry, face_track_from_json, s_face_maps
+from datapipes.plugins import import_object
 from datapipes.pose import draw_face_landmarks, keypoints_from_json, render_pose
 from datapipes.video import VideoDecodeError, open_video, read_frames
 
@@ -136,23 +137,6 @@ class ResizeCrop:
 # return frames whose faces show the same expression on another identity (cross-identity
 # training condition); the default uses the driving face itself.
 FaceReenactor = Callable[[torch.Tensor, list, np.random.Generator], torch.Tensor]
-
-
-def import_object(target: str, what: str):
-    """``"package.module:attribute"`` -> the attribute; errors name ``what`` and the target."""
-    import importlib
-
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"{what} must be 'package.module:attribute', got {target!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"{what}={target!r}: cannot import {module_name!r} ({error})") from None
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        raise ValueError(f"{what}={target!r}: module {module_name!r} has no {attribute!r}") from None
 
 
 class ImportedFaceReenactor:

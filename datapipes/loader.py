@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datapipes import shards
 from datapipes.clips import (CROP_MODES, POSE_SOURCES, REFERENCE_MODES, BadSample, ClipSpec,
-                             ImportedFaceReenactor, collate, import_object, load_clip,
-                             to_batch_contract)
+                             ImportedFaceReenactor, collate, load_clip, to_batch_contract)
+from datapipes.plugins import import_object
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ class PackOptions:
     require_pose: bool = True          # human clips need a pose video or keypoints
     pose_estimator: str | None = None  # "dwpose": estimate keypoints where no pose is given ...
     pose_model: str | None = None      # ... with this local model file
+    pose_detector_model: str | None = None  # ... and person boxes from this local YOLOX file
 
 
 @dataclass
@@ -152,7 +153,7 @@ def prepare_sample(item: PackItem, options: PackOptions) -> dict:
         from datapipes.pose import keypoints_to_json
         from datapipes.pose_estimator import estimate_keypoints, load_pose_estimator
 
-        estimator = load_pose_estimator(options.pose_estimator, options.pose_model)
+        estimator = load_pose_estimator(options.pose_estimator, options.pose_model, options.pose_detector_model)
         keypoints = estimate_keypoints(members[shards.VIDEO], key, estimator)
         document = keypoints_to_json(keypoints, facts["height"], facts["width"])
         members[shards.POSE_KEYPOINTS] = json.dumps(dict(document, estimator=estimator.name),
@@ -167,13 +168,13 @@ def prepare_sample(item: PackItem, options: PackOptions) -> dict:
     return {"__key__": key, **members, shards.META: json.dumps(meta, sort_keys=True).encode()}
 
 
-def check_pose_estimator(name: str, model_path: str | None) -> None:
+def check_pose_estimator(name: str, model_path: str | None, detector_path: str | None = None) -> None:
     """Fail before any clip is read when the estimator cannot be built (unknown name, missing
     model file or onnxruntime, unreadable model). The session is dropped again: worker processes
     build their own (onnxruntime sessions must not cross a fork)."""
     from datapipes.pose_estimator import make_pose_estimator
 
-    make_pose_estimator(name, model_path)
+    make_pose_estimator(name, model_path, detector_path)
 
 
 def check_face_model(options: PackOptions) -> None:
@@ -204,7 +205,7 @@ def pack(items: list[PackItem], out_dir: str, options: PackOptions | None = None
     rejects go to ``out_dir/quarantine.jsonl``. The output order follows ``items``."""
     options = options or PackOptions()
     if options.pose_estimator:
-        check_pose_estimator(options.pose_estimator, options.pose_model)
+        check_pose_estimator(options.pose_estimator, options.pose_model, options.pose_detector_model)
     check_face_model(options)
     if os.path.isdir(out_dir) and any(name.endswith(".tar") for name in os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir!r} already holds .tar shards; choose an empty directory")

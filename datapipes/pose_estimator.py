@@ -5,8 +5,9 @@ onnxruntime from a local ``.onnx`` file; xdyna never downloads weights. DWPose's
 ``dw-ll_ucoco_384.onnx`` (https://huggingface.co/yzd-v/DWPose, Apache-2.0); fetch it yourself and
 pass its path. Install the runtime with ``pip install onnxruntime`` (or ``onnxruntime-gpu``).
 
-DWPose proper first finds people with a YOLOX detector; here the person box is the whole frame
-(X-Dyna's training clips show one dancer) unless a ``person_box`` function is given.
+DWPose proper first finds people with a YOLOX detector: :class:`YoloxPersonBox` runs DWPose's
+``yolox_l.onnx`` (same page) from a local file and hands the best person box to the pose model.
+Without it the person box is the whole frame (X-Dyna's clips show one dancer).
 """
 from __future__ import annotations
 
@@ -43,27 +44,95 @@ class PoseEstimator(Protocol):
     def __call__(self, frames: np.ndarray) -> np.ndarray: ...
 
 
+YOLOX_WEIGHTS_HINT = ("DWPose's person detector is the file yolox_l.onnx from "
+                      "https://huggingface.co/yzd-v/DWPose (download it yourself; xdyna never downloads)")
+YOLOX_STRIDES = (8, 16, 32)
+YOLOX_PAD_VALUE = 114.0
+PERSON_CLASS = 0
+
+
+class YoloxPersonBox:
+    """The most confident person box of a frame from a YOLOX ONNX detector (DWPose's
+    ``yolox_l.onnx``, COCO classes, person = 0); ``None`` when no person scores ``min_score``.
+
+    ``model_path``: a local ``.onnx`` file with one input ``(1, 3, S, S)`` and one output
+    ``(1, N, 5 + classes)`` of raw grid predictions (N = sum of (S / s)^2 over strides 8, 16, 32),
+    decoded here as YOLOX does. Input: the frame letterboxed into S x S (scaled to fit, padded
+    with 114 at the right and bottom), BGR, 0..255, as DWPose feeds it.
+    """
+
+    def __init__(self, model_path: str, min_score: float = 0.3, providers: list[str] | None = None):
+        self.session = _onnx_session(model_path, "YOLOX person detector", providers, YOLOX_WEIGHTS_HINT)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        shape, out_shape = inputs[0].shape, outputs[0].shape if outputs else ()
+        size = shape[2] if len(shape) == 4 and isinstance(shape[2], int) and shape[2] == shape[3] else None
+        anchors = sum((size // stride) ** 2 for stride in YOLOX_STRIDES) if size else None
+        if (len(inputs) != 1 or size is None or len(outputs) != 1 or len(out_shape) != 3
+                or out_shape[1] != anchors or not isinstance(out_shape[2], int) or out_shape[2] < 6):
+            raise ValueError(f"YOLOX model {model_path!r}: want one (1, 3, S, S) input and one (1, N, 5 + classes) "
+                             f"output of raw predictions for strides {YOLOX_STRIDES}; got inputs "
+                             f"{[i.shape for i in inputs]}, outputs {[o.shape for o in outputs]}")
+        self.input_name, self.size, self.min_score = inputs[0].name, size, min_score
+        grids, strides = [], []
+        for stride in YOLOX_STRIDES:
+            cells = size // stride
+            ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+            grids.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
+            strides.append(np.full((cells * cells, 1), stride))
+        self.grid, self.stride = np.concatenate(grids).astype(np.float32), np.concatenate(strides).astype(np.float32)
+
+    def __call__(self, frame: np.ndarray) -> tuple[float, float, float, float] | None:
+        height, width = frame.shape[:2]
+        ratio = min(self.size / height, self.size / width)
+        resized = Image.fromarray(frame).resize((max(1, round(width * ratio)), max(1, round(height * ratio))),
+                                                Image.BILINEAR)
+        canvas = np.full((self.size, self.size, 3), YOLOX_PAD_VALUE, dtype=np.float32)
+        canvas[:resized.height, :resized.width] = np.asarray(resized, dtype=np.float32)
+        tensor = canvas[:, :, ::-1].transpose(2, 0, 1)[None]  # RGB -> BGR, HWC -> NCHW
+        (raw,) = self.session.run(None, {self.input_name: np.ascontiguousarray(tensor)})
+        boxes, scores = decode_yolox(raw[0], self.grid, self.stride)
+        best = int(np.argmax(scores))
+        if scores[best] < self.min_score:
+            return None
+        x0, y0, x1, y1 = (boxes[best] / ratio).tolist()
+        return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+
+
+def decode_yolox(raw: np.ndarray, grid: np.ndarray, stride: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """YOLOX raw predictions ``(N, 5 + C)`` -> person boxes ``(N, 4)`` x0 y0 x1 y1 in input pixels
+    and their scores (objectness x person probability)."""
+    centres = (raw[:, :2] + grid) * stride
+    sizes = np.exp(raw[:, 2:4]) * stride
+    boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], axis=1)
+    return boxes, raw[:, 4] * raw[:, 5 + PERSON_CLASS]
+
+
+def _onnx_session(model_path: str, what: str, providers: list[str] | None, hint: str = DWPOSE_WEIGHTS_HINT):
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(f"{what} model {model_path!r} does not exist; {hint}")
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(f"{what} needs onnxruntime: pip install onnxruntime ({error})") from None
+    try:
+        return onnxruntime.InferenceSession(model_path, providers=providers or ["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own untyped errors for unreadable models
+        raise ValueError(f"{what} model {model_path!r} cannot be loaded by onnxruntime: {error}") from None
+
+
 class DWPoseOnnx:
     """DWPose (or any RTMPose SimCC model with 17 or 133 COCO keypoints) through onnxruntime.
 
     ``model_path``: a local ``.onnx`` file with one input ``(1, 3, h, w)`` and two outputs
     ``simcc_x (1, K, w * r)`` and ``simcc_y (1, K, h * r)`` (r = SimCC split ratio, 2 for DWPose).
-    ``person_box(frame) -> (x0, y0, x1, y1)``: where the person is; default the whole frame.
+    ``person_box(frame) -> (x0, y0, x1, y1) or None``: where the person is (e.g.
+    :class:`YoloxPersonBox`); the whole frame without one or when it returns ``None``.
     """
     name = "dwpose"
 
     def __init__(self, model_path: str, person_box: Callable[[np.ndarray], tuple] | None = None,
                  providers: list[str] | None = None):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"DWPose model {model_path!r} does not exist; {DWPOSE_WEIGHTS_HINT}")
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise ImportError(f"the DWPose estimator needs onnxruntime: pip install onnxruntime ({error})") from None
-        try:
-            self.session = onnxruntime.InferenceSession(model_path, providers=providers or ["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own untyped errors for unreadable models
-            raise ValueError(f"DWPose model {model_path!r} cannot be loaded by onnxruntime: {error}") from None
+        self.session = _onnx_session(model_path, "DWPose", providers)
         self.model_path, self.person_box = model_path, person_box
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
@@ -82,7 +151,9 @@ class DWPoseOnnx:
 
     def _frame(self, frame: np.ndarray) -> np.ndarray:
         height, width = frame.shape[:2]
-        box = self.person_box(frame) if self.person_box else (0.0, 0.0, float(width), float(height))
+        box = self.person_box(frame) if self.person_box else None
+        if box is None:  # no detector, or it found nobody: the whole frame
+            box = (0.0, 0.0, float(width), float(height))
         x0, y0, crop_width, crop_height = _padded_box(box, self.input_width / self.input_height)
         # Crop (zero padding outside the frame) and resize: DWPose's affine warp without rotation.
         crop = Image.fromarray(frame).crop((x0, y0, x0 + crop_width, y0 + crop_height))
@@ -139,12 +210,13 @@ def to_openpose(points: np.ndarray) -> np.ndarray:
 ESTIMATORS = ("dwpose",)
 
 
-def make_pose_estimator(name: str, model_path: str | None) -> PoseEstimator:
+def make_pose_estimator(name: str, model_path: str | None, detector_path: str | None = None) -> PoseEstimator:
+    """``dwpose`` from a local model file, with the YOLOX person detector when ``detector_path`` is given."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown pose estimator {name!r}; known: {ESTIMATORS}")
     if not model_path:
         raise ValueError(f"pose estimator {name!r} needs a model file (--pose-model PATH); {DWPOSE_WEIGHTS_HINT}")
-    return DWPoseOnnx(model_path)
+    return DWPoseOnnx(model_path, person_box=YoloxPersonBox(detector_path) if detector_path else None)
 
 
 # One estimator per process and model: sessions are expensive to create.

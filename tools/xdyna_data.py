@@ -34,7 +34,8 @@ def _pack(args: argparse.Namespace) -> int:
     options = PackOptions(Rules(args.min_frames, args.min_height, args.min_width, args.verify),
                           face_detector=args.face_detector, face_landmarks_model=args.face_landmarks_model,
                           require_pose=not args.allow_missing_pose,
-                          pose_estimator=args.pose_estimator, pose_model=args.pose_model)
+                          pose_estimator=args.pose_estimator, pose_model=args.pose_model,
+                          pose_detector_model=args.pose_detector_model)
     summary = pack(items, args.out, options, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
                    workers=args.workers, prefix=args.prefix, progress=sys.stderr.isatty())
     print(summary)
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="estimate keypoints (pose.json) for human clips without pose video or keypoints")
     pack.add_argument("--pose-model", default=None, metavar="PATH",
                       help="local DWPose .onnx file for --pose-estimator dwpose (never downloaded)")
+    pack.add_argument("--pose-detector-model", default=None, metavar="PATH",
+                      help="local YOLOX .onnx (DWPose's yolox_l.onnx) finding the person for --pose-estimator "
+                           "dwpose; without it the whole frame is the person box")
     pack.add_argument("--allow-missing-pose", action="store_true",
                       help="accept human clips without pose video or keypoints")
     pack.set_defaults(run=_pack)

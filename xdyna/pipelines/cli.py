@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--pose-estimator", metavar="dwpose|MODULE:FACTORY",
                         help="pose estimator: dwpose (needs --pose-model) or a plugin (see docs/inference.md)")
     inputs.add_argument("--pose-model", metavar="ONNX", help="local DWPose .onnx file for --pose-estimator dwpose")
+    inputs.add_argument("--pose-detector-model", metavar="ONNX",
+                        help="local YOLOX .onnx (DWPose's yolox_l.onnx) finding the person for --pose-estimator "
+                             "dwpose; without it the whole frame is the person box")
     inputs.add_argument("--face-detector", default="mtcnn", metavar="mtcnn|MODULE:FACTORY", help="face landmark model")
 
     weights = parser.add_argument_group("weights (one of --pretrained, --checkpoint, --model)")
@@ -147,7 +150,8 @@ def run(args: argparse.Namespace) -> dict:
     pipeline = load_pipeline(args)
     default_height, default_width = pipeline.default_size
     size = (args.height or default_height, args.width or default_width)
-    pose_estimator = load_pose_estimator(args.pose_estimator, args.pose_model) if args.pose_estimator else None
+    pose_estimator = (load_pose_estimator(args.pose_estimator, args.pose_model, args.pose_detector_model)
+                      if args.pose_estimator else None)
     face_model = None
     if not args.no_face and pipeline.has_face_controlnet:
         face_model = args.face_detector if args.face_detector == "mtcnn" else load_plugin(args.face_detector, "face detector")

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from datapipes.clips import ResizeCrop
+from datapipes.plugins import import_object
 from datapipes.face import FaceFrame, s_face_maps
 from datapipes.facetrack import LandmarkModel, load_face_model
 from datapipes.pose import render_pose
@@ -40,16 +40,17 @@ DECODE_CHUNK = 32  # frames decoded and resized at a time: bounds memory on long
 log = logging.getLogger(__name__)
 
 
-def load_pose_estimator(spec: str, model_path: str | None = None) -> PoseEstimator:
-    """``dwpose`` (datapipes' DWPose through onnxruntime, weights from ``model_path``) or a
-    ``module:attribute`` plugin (see :func:`load_plugin`)."""
+def load_pose_estimator(spec: str, model_path: str | None = None, detector_path: str | None = None) -> PoseEstimator:
+    """``dwpose`` (datapipes' DWPose through onnxruntime, weights from ``model_path``, person boxes
+    from the YOLOX model at ``detector_path`` if given) or a ``module:attribute`` plugin (see
+    :func:`load_plugin`)."""
     if spec == "dwpose":
         if model_path is None:
             raise InputError("--pose-estimator dwpose needs --pose-model PATH (a local DWPose .onnx file)")
-        from datapipes.pose_estimator import DWPoseOnnx
+        from datapipes.pose_estimator import DWPoseOnnx, YoloxPersonBox
 
         try:
-            return DWPoseOnnx(model_path)
+            return DWPoseOnnx(model_path, person_box=YoloxPersonBox(detector_path) if detector_path else None)
         except ImportError as error:
             raise InputError(f"--pose-estimator dwpose needs onnxruntime (pip install 'xdyna[pose]'): {error}") from None
     return load_plugin(spec, "pose estimator")
@@ -58,13 +59,10 @@ def load_pose_estimator(spec: str, model_path: str | None = None) -> PoseEstimat
 def load_plugin(spec: str, what: str) -> Any:
     """``module:attribute`` -> the object ``attribute()`` builds (a class or a factory taking no
     arguments), e.g. ``my_dwpose:DWPoseEstimator``."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise InputError(f"{what} {spec!r} must look like 'module:attribute'")
     try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise InputError(f"{what} {spec!r} cannot be loaded ({error})") from None
+        factory = import_object(spec, what)
+    except ValueError as error:
+        raise InputError(str(error)) from None
     return factory()
 
 
