@@ -10,13 +10,13 @@ S-Face global box and the eye and mouth patch centres. Install it with
 from __future__ import annotations
 
 import functools
-import os
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from datapipes.face import FaceFrame, face_track_to_json
+from datapipes.onnx_session import load_onnx_session
 from datapipes.video import open_video
 
 
@@ -89,19 +89,10 @@ class OnnxLandmarks68:
 
     def __init__(self, model_path: str, boxes: LandmarkModel | None = None, crop_scale: float = 1.2,
                  input_scaling: str = "unit", providers: list[str] | None = None):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"68-point landmark model {model_path!r} does not exist "
-                                    "(xdyna never downloads weights; pass a local .onnx file)")
         if input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {input_scaling!r}")
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise ImportError(f"68-point landmarks need onnxruntime: pip install onnxruntime ({error})") from None
-        try:
-            self.session = onnxruntime.InferenceSession(model_path, providers=providers or ["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own untyped errors for unreadable models
-            raise ValueError(f"68-point landmark model {model_path!r} cannot be loaded by onnxruntime: {error}") from None
+        self.session = load_onnx_session(model_path, "68-point landmark",
+                                         "xdyna never downloads weights; pass a local .onnx file", providers)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
         out_shape = tuple(outputs[0].shape[1:]) if outputs else ()

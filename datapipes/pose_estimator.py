@@ -12,12 +12,12 @@ Without it the person box is the whole frame (X-Dyna's clips show one dancer).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Protocol
 
 import numpy as np
 from PIL import Image
 
+from datapipes.onnx_session import load_onnx_session
 from datapipes.pose import HAND_POINTS
 
 DWPOSE_WEIGHTS_HINT = ("DWPose weights are the file dw-ll_ucoco_384.onnx from "
@@ -62,7 +62,7 @@ class YoloxPersonBox:
     """
 
     def __init__(self, model_path: str, min_score: float = 0.3, providers: list[str] | None = None):
-        self.session = _onnx_session(model_path, "YOLOX person detector", providers, YOLOX_WEIGHTS_HINT)
+        self.session = load_onnx_session(model_path, "YOLOX person detector", YOLOX_WEIGHTS_HINT, providers)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape, out_shape = inputs[0].shape, outputs[0].shape if outputs else ()
         size = shape[2] if len(shape) == 4 and isinstance(shape[2], int) and shape[2] == shape[3] else None
@@ -107,19 +107,6 @@ def decode_yolox(raw: np.ndarray, grid: np.ndarray, stride: np.ndarray) -> tuple
     return boxes, raw[:, 4] * raw[:, 5 + PERSON_CLASS]
 
 
-def _onnx_session(model_path: str, what: str, providers: list[str] | None, hint: str = DWPOSE_WEIGHTS_HINT):
-    if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"{what} model {model_path!r} does not exist; {hint}")
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise ImportError(f"{what} needs onnxruntime: pip install onnxruntime ({error})") from None
-    try:
-        return onnxruntime.InferenceSession(model_path, providers=providers or ["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own untyped errors for unreadable models
-        raise ValueError(f"{what} model {model_path!r} cannot be loaded by onnxruntime: {error}") from None
-
-
 class DWPoseOnnx:
     """DWPose (or any RTMPose SimCC model with 17 or 133 COCO keypoints) through onnxruntime.
 
@@ -132,7 +119,7 @@ class DWPoseOnnx:
 
     def __init__(self, model_path: str, person_box: Callable[[np.ndarray], tuple] | None = None,
                  providers: list[str] | None = None):
-        self.session = _onnx_session(model_path, "DWPose", providers)
+        self.session = load_onnx_session(model_path, "DWPose", DWPOSE_WEIGHTS_HINT, providers)
         self.model_path, self.person_box = model_path, person_box
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape

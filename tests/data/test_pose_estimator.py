@@ -102,10 +102,16 @@ def test_pack_estimates_pose_for_human_clips_without_one(tmp_path, capsys):
     assert np.abs(keypoints[:, :, :2] - expected[:, None, :]).max() <= 3.0  # H.264 blurs the edges
 
 
-def test_missing_pose_model_is_a_one_line_error_naming_it_and_the_weights(tmp_path, capsys):
+def _dancer_folder(tmp_path):
+    """A folder with one 16-frame human clip and no pose: what --pose-estimator has to fill in."""
     folder = tmp_path / "videos"
     folder.mkdir()
     (folder / "dancer.mp4").write_bytes(encode_mp4(_frames_with_square(CENTRES * 4), 8))
+    return folder
+
+
+def test_missing_pose_model_is_a_one_line_error_naming_it_and_the_weights(tmp_path, capsys):
+    folder = _dancer_folder(tmp_path)
     missing = tmp_path / "dw-ll_ucoco_384.onnx"
     code = main(["pack", str(folder), "--out", str(tmp_path / "o"), "--workers", "1",
                  "--pose-estimator", "dwpose", "--pose-model", str(missing)])
@@ -200,9 +206,7 @@ def test_wrong_yolox_model_is_rejected_naming_it(tmp_path):
 
 
 def test_pack_with_a_missing_person_detector_stops_naming_it(tmp_path, capsys):
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    (folder / "dancer.mp4").write_bytes(encode_mp4(_frames_with_square(CENTRES * 4), 8))
+    folder = _dancer_folder(tmp_path)
     missing = tmp_path / "yolox_l.onnx"
     code = main(["pack", str(folder), "--out", str(tmp_path / "o"), "--pose-estimator", "dwpose",
                  "--pose-model", _bright_spot_model(tmp_path / "spot.onnx"), "--pose-detector-model", str(missing)])
