@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -238,15 +238,8 @@ def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
             raise BadSample(key, str(error)) from None
         return geometry.frames(pose)
     if use_keypoints:
-        try:
-            document = json.loads(raw.members[shards.POSE_KEYPOINTS])
-            keypoints = keypoints_from_json(document, f"{key}.pose.json")
-            source_height, source_width = int(document["height"]), int(document["width"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise BadSample(key, str(error)) from None
-        if len(keypoints) != count:
-            raise BadSample(key, f"pose/video frame-count mismatch: pose {len(keypoints)}, video {count}")
-        scale_x, scale_y, shift_x, shift_y = geometry.point_transform(source_height, source_width)
+        keypoints, (scale_x, scale_y, shift_x, shift_y) = _per_frame_document(
+            raw, shards.POSE_KEYPOINTS, keypoints_from_json, "pose", count, geometry)
         height, width = geometry.target
         rendered = []
         for index in clip:
@@ -259,20 +252,27 @@ def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
     raise BadSample(key, f"human clip has no {wanted} member")
 
 
+def _per_frame_document(raw: shards.RawSample, member: str, parse: Callable, what: str, count: int,
+                        geometry: ResizeCrop) -> tuple[list, tuple[float, float, float, float]]:
+    """A per-frame JSON member (``pose.json`` keypoints, ``face.json`` track): its ``parse``d
+    entries, one per video frame, and the transform from its pixels to the output's."""
+    try:
+        document = json.loads(raw.members[member])
+        entries = parse(document, f"{raw.key}.{member}")
+        source_height, source_width = int(document["height"]), int(document["width"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadSample(raw.key, str(error)) from None
+    if len(entries) != count:
+        raise BadSample(raw.key, f"{what}/video frame-count mismatch: {what} {len(entries)}, video {count}")
+    return entries, geometry.point_transform(source_height, source_width)
+
+
 def _face_track(raw: shards.RawSample, key: str, clip: np.ndarray, count: int,
                 geometry: ResizeCrop) -> list[FaceFrame | None]:
     """The clip's faces from ``face.json`` in output pixels; ``None`` where a frame has none."""
     if shards.FACE not in raw.members:
         return [None] * len(clip)
-    try:
-        document = json.loads(raw.members[shards.FACE])
-        track = face_track_from_json(document, f"{key}.face.json")
-        source_height, source_width = int(document["height"]), int(document["width"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise BadSample(key, str(error)) from None
-    if len(track) != count:
-        raise BadSample(key, f"face/video frame-count mismatch: face {len(track)}, video {count}")
-    transform = geometry.point_transform(source_height, source_width)
+    track, transform = _per_frame_document(raw, shards.FACE, face_track_from_json, "face", count, geometry)
     return [None if track[i] is None else track[i].transformed(*transform) for i in clip]
 
 
@@ -304,19 +304,23 @@ def _to_uint8(values: torch.Tensor) -> torch.Tensor:
     return values.round().clamp_(0, 255).to(torch.uint8)
 
 
-def to_batch_contract(batch: dict) -> dict:
-    """uint8 batch from a worker -> the float32 batch contract: video and reference in
-    [-1, 1], pose and face in [0, 1] (an all-zero condition stays exactly zero), contiguous
-    (channels-first memory; the uint8 batch is channels-last, see :func:`collate`)."""
-    for name in IMAGE_KEYS[:2]:
-        batch[name] = batch[name].to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
-    for name in IMAGE_KEYS[2:]:
-        if name in batch:
-            batch[name] = batch[name].to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    return batch
-
-
 IMAGE_KEYS = ("video", "reference", "pose", "face")
+SIGNED_IMAGE_KEYS = ("video", "reference")  # what the VAE encodes; pose and face are ControlNet conditions
+
+
+def to_batch_contract(batch: Mapping, dtype: torch.dtype = torch.float32) -> dict:
+    """uint8 images of a batch -> the float batch contract: video and reference in [-1, 1], pose
+    and face in [0, 1] (an all-zero condition stays exactly zero), contiguous (channels-first
+    memory; the uint8 batch is channels-last, see :func:`collate`). Returns a new dict; images
+    that are not uint8 and every other entry pass through untouched. The loader's float32 output
+    and the training device (``xdyna.train.batches.to_float_batch``) both scale with this."""
+    out = dict(batch)
+    for name in IMAGE_KEYS:
+        value = out.get(name)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+            value = value.to(dtype, memory_format=torch.contiguous_format)
+            out[name] = value.div_(127.5).sub_(1.0) if name in SIGNED_IMAGE_KEYS else value.div_(255.0)
+    return out
 
 
 def collate(samples: list[dict]) -> dict:
