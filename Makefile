@@ -20,9 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check --no-deps "facenet-pytorch>=2.6,<2.7"
 	@touch $@
 
-demo: install
+# The synthetic shards are a pure function of their arguments: written once, reused by re-runs
+# (xdyna-data synth refuses a folder that already holds shards). A leftover folder without the
+# stamp is an interrupted write of this same data and is rewritten.
+$(DEMO)/shards/.synth-done: $(STAMP)
+	rm -rf $(DEMO)/shards
 	WANDB_MODE=offline $(VENV)/bin/xdyna-data synth --out $(DEMO)/shards --human 6 --scene 2 \
 	    --frames 24 --height 128 --width 64
+	@touch $@
+
+# Every `make demo` trains the demo run from scratch: its previous run (runs/demo) is replaced.
+demo: install $(DEMO)/shards/.synth-done
+	rm -rf runs/demo
 	WANDB_MODE=offline $(VENV)/bin/xdyna-train model=tiny data=synthetic stage=stage1 \
 	    data.shards=$(CURDIR)/$(DEMO)/shards run.root=$(CURDIR)/runs run.id=demo \
 	    trainer.max_steps=30
