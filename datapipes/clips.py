@@ -323,28 +323,48 @@ def to_batch_contract(batch: Mapping, dtype: torch.dtype = torch.float32) -> dic
     return out
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], storage: torch.UntypedStorage | None = None) -> dict:
     """Stack samples of one bucket into the batch contract of docs/design.md, as uint8.
 
     Image tensors keep the decoder's channels-last memory: ``(B, T, 3, H, W)`` views of
-    ``(B, T, H, W, 3)`` storage, so stacking is a plain copy, not a transpose. In a DataLoader
-    worker that storage is allocated in shared memory (as torch's default_collate does), so
-    sending the batch to the main process copies nothing more.
+    ``(B, T, H, W, 3)`` storage, so stacking is a plain copy, not a transpose. All images of the
+    batch live in one storage (:func:`images_nbytes` bytes): ``storage`` when given (a worker's
+    reusable buffer, :mod:`datapipes.batch_buffers`), else new memory, shared when in a
+    DataLoader worker (as torch's default_collate does), so that sending the batch to the main
+    process copies nothing more.
     """
-    batch = {name: _stack_channels_last([s[name] for s in samples]) if name in IMAGE_KEYS
-             else torch.stack([s[name] for s in samples])
-             for name in samples[0] if isinstance(samples[0][name], torch.Tensor)}
+    layout, nbytes = _image_layout(samples)
+    if storage is None:
+        storage = (torch.UntypedStorage._new_shared(nbytes) if get_worker_info() is not None
+                   else torch.UntypedStorage(nbytes))
+    elif storage.nbytes() < nbytes:
+        raise ValueError(f"collate: the batch's images need {nbytes} bytes, the buffer has {storage.nbytes()}")
+    batch = {}
+    for name, offset, shape, dtype in layout:
+        out = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+        batch[name] = torch.stack([s[name].movedim(-3, -1) for s in samples], out=out).movedim(-1, -3)
+    batch.update({name: torch.stack([s[name] for s in samples]) for name in samples[0]
+                  if name not in IMAGE_KEYS and isinstance(samples[0][name], torch.Tensor)})
     batch["is_scene"] = torch.tensor([s["is_scene"] for s in samples], dtype=torch.bool)
     batch["__key__"] = [s["__key__"] for s in samples]
     return batch
 
 
-def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
-    """``[(..., C, H, W)] * B -> (B, ..., C, H, W)`` stored as ``(B, ..., H, W, C)``."""
-    last = [image.movedim(-3, -1) for image in images]
-    out = None
-    if get_worker_info() is not None:
-        numel = len(last) * last[0].numel()
-        storage = last[0]._typed_storage()._new_shared(numel, device=last[0].device)
-        out = last[0].new(storage).resize_(len(last), *last[0].shape)
-    return torch.stack(last, out=out).movedim(-1, -3)
+_ALIGN = 64  # bytes; each image tensor of a batch starts on a cache line
+
+
+def _image_layout(samples: list[dict]) -> tuple[list[tuple[str, int, tuple, torch.dtype]], int]:
+    """``([(name, byte offset, channels-last batch shape, dtype)], total bytes)``."""
+    layout, offset = [], 0
+    for name in IMAGE_KEYS:
+        if name in samples[0]:
+            first = samples[0][name]
+            shape = (len(samples),) + tuple(first.movedim(-3, -1).shape)
+            layout.append((name, offset, shape, first.dtype))
+            offset += -(-first.numel() * len(samples) * first.element_size() // _ALIGN) * _ALIGN
+    return layout, offset
+
+
+def images_nbytes(samples: list[dict]) -> int:
+    """Bytes of the one storage :func:`collate` puts the batch's images in."""
+    return _image_layout(samples)[1]

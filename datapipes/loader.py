@@ -34,8 +34,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datapipes import shards
-from datapipes.clips import (CROP_MODES, POSE_SOURCES, REFERENCE_MODES, BadSample, ClipSpec,
-                             ImportedFaceReenactor, collate, load_clip, to_batch_contract)
+from datapipes.batch_buffers import ReleaseBoard, WorkerBuffers
+from datapipes.clips import (CROP_MODES, IMAGE_KEYS, POSE_SOURCES, REFERENCE_MODES, BadSample,
+                             ClipSpec, ImportedFaceReenactor, collate, images_nbytes, load_clip,
+                             to_batch_contract)
 from datapipes.plugins import import_object
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ class ClipLoaderConfig:
     num_workers: int = 0
     start_method: str | None = None           # fork | spawn | forkserver | None (platform)
     prefetch_factor: int = 2
+    # Reusable shared-memory batch buffers per worker (datapipes/batch_buffers.py): a worker
+    # collates into one the main process has let go of, instead of into fresh shared memory
+    # (page faults on every batch). 0: fresh shared memory per batch, as torch does.
+    shm_buffers: int = 4
     resample: bool = True
     batches_per_epoch: int = 50               # per rank; used when resample is true
     open_shards: int = 2                      # shards interleaved per worker
@@ -92,6 +98,8 @@ class ClipLoaderConfig:
             problems.append("num_frames and frame_stride must be >= 1")
         if self.batch_size < 1 or self.num_workers < 0:
             problems.append("batch_size must be >= 1 and num_workers >= 0")
+        if self.shm_buffers < 0:
+            problems.append(f"shm_buffers must be >= 0, got {self.shm_buffers}")
         if self.reference not in REFERENCE_MODES:
             problems.append(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.crop not in CROP_MODES:
@@ -139,6 +147,7 @@ class _Plan:
     batches_done: int              # consumed batches of this epoch at (re)start
     worker_states: dict            # logical worker -> state after its last consumed batch
     face_reenactor: Any = None
+    release_board: ReleaseBoard | None = None  # with workers and shm_buffers > 0
 
 
 class _Source:
@@ -214,8 +223,10 @@ class _Source:
 class _WorkerStream:
     """The batches of one logical worker (runs inside a DataLoader worker process)."""
 
-    def __init__(self, plan: _Plan, worker: int, quota: int | None):
+    def __init__(self, plan: _Plan, worker: int, quota: int | None,
+                 buffers: WorkerBuffers | None = None):
         cfg = plan.cfg
+        self.buffers = buffers
         self.plan, self.cfg, self.worker, self.quota = plan, cfg, worker, quota
         self.spec = cfg.clip_spec()
         seed = np.random.SeedSequence([cfg.seed, plan.epoch, plan.rank, worker])
@@ -327,10 +338,15 @@ class _WorkerStream:
             self.reader.close()
 
     def _emit(self, bucket: int) -> dict:
-        batch = collate([sample for _, sample in self.pending[bucket]])
+        samples = [sample for _, sample in self.pending[bucket]]
+        index, storage = -1, None
+        if self.buffers is not None:
+            index, storage = self.buffers.take(images_nbytes(samples))
+        batch = collate(samples, storage)
         self.pending[bucket] = []
         self.produced += 1
         batch[_META] = self._report()
+        batch[_META]["buffer"] = index
         return batch
 
     def _report(self) -> dict:
@@ -357,7 +373,10 @@ class _ClipDataset(IterableDataset):
             quota_now = len(range(slot, remaining, workers))
             quota = plan.worker_states.get(worker, {}).get("produced", 0) + quota_now
         torch.set_num_threads(1)  # parallelism comes from workers; threads would oversubscribe
-        yield from _WorkerStream(plan, worker, quota)
+        buffers = None
+        if info is not None and plan.release_board is not None:
+            buffers = WorkerBuffers(plan.release_board, slot)  # by process, not logical worker
+        yield from _WorkerStream(plan, worker, quota, buffers)
 
 
 # --------------------------------------------------------------------------- main process
@@ -390,6 +409,9 @@ class ClipLoader:
         self.samples_drawn = 0
         self.bad_samples = 0
         self.recent_bad: deque = deque(maxlen=20)
+        # Batches a worker sent in fresh shared memory because all its shm_buffers were held
+        # (this process only; not part of the state): > 0 means raise data.shm_buffers.
+        self.fresh_shm_batches = 0
 
     def __len__(self) -> int:
         if not self.cfg.resample:
@@ -407,14 +429,15 @@ class ClipLoader:
         return self.bad_samples / self.samples_drawn if self.samples_drawn else 0.0
 
     def stats(self) -> dict:
-        """Counters for logging: ``samples_drawn``, ``bad_samples``, ``bad_fraction``."""
+        """Counters for logging: ``samples_drawn``, ``bad_samples``, ``bad_fraction``,
+        ``fresh_shm_batches``."""
         return {"samples_drawn": self.samples_drawn, "bad_samples": self.bad_samples,
-                "bad_fraction": self.bad_fraction}
+                "bad_fraction": self.bad_fraction, "fresh_shm_batches": self.fresh_shm_batches}
 
     def _fingerprint(self) -> str:
         """What must not change between save and resume for the state to mean the same."""
         fields = dataclasses.asdict(self.cfg)
-        for volatile in ("prefetch_factor", "start_method", "max_bad_fraction",
+        for volatile in ("prefetch_factor", "shm_buffers", "start_method", "max_bad_fraction",
                          "bad_fraction_min_samples", "decode_threads", "output_dtype"):
             fields.pop(volatile)
         for added in ("face_reenactor", "face_reenactor_kwargs"):
@@ -452,21 +475,33 @@ class ClipLoader:
         self.worker_states = {int(k): v for k, v in state["workers"].items()}
         self.samples_drawn, self.bad_samples = int(state["samples_drawn"]), int(state["bad_samples"])
 
-    def _dataloader(self) -> DataLoader:
+    def _dataloader(self) -> tuple[DataLoader, ReleaseBoard | None]:
+        board = None
+        if self.cfg.num_workers > 0 and self.cfg.shm_buffers > 0:
+            board = ReleaseBoard(self.cfg.num_workers, self.cfg.shm_buffers)
         plan = _Plan(self.cfg, self.rank, self.world_size, self.num_logical_workers, self.sources,
-                     self.epoch, self.batches_done, dict(self.worker_states), self.face_reenactor)
+                     self.epoch, self.batches_done, dict(self.worker_states), self.face_reenactor,
+                     board)
         kwargs = {}
         if self.cfg.num_workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor,
                       "multiprocessing_context": self.cfg.start_method}
-        return DataLoader(_ClipDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
-                          **kwargs)
+        loader = DataLoader(_ClipDataset(plan), batch_size=None, num_workers=self.cfg.num_workers,
+                            **kwargs)
+        return loader, board
 
     def __iter__(self) -> Iterator[dict]:
         if self.cfg.resample and self.batches_done >= self.cfg.batches_per_epoch:
             self.set_epoch(self.epoch + 1)
-        for batch in self._dataloader():
+        loader, board = self._dataloader()
+        for batch in loader:
             meta = batch.pop(_META)
+            if board is not None and batch:
+                if meta["buffer"] >= 0:
+                    images = next(batch[name] for name in IMAGE_KEYS if name in batch)
+                    board.hold(meta["buffer"], images.untyped_storage())
+                else:
+                    self.fresh_shm_batches += 1
             self.worker_states[meta["worker"]] = meta["state"]
             self._count(meta)
             if not batch:  # a report without a batch (end of a finite pass)

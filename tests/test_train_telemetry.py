@@ -37,8 +37,9 @@ def test_nan_loss_stops_the_run_naming_the_step(make_batch, tmp_path):
 
 @pytest.mark.slow
 def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path, shards):  # noqa: F811
+    # 2 workers: the training loop must hand their reusable shared-memory buffers back.
     result = train(tmp_path, shards, "logger=csv", "trainer.max_steps=4", "trainer.log_every_n_steps=2",
-                   "telemetry.peak_tflops=1")
+                   "telemetry.peak_tflops=1", "data.num_workers=2")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics_csv = Path(next(line.split(None, 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("metrics_csv")))
     rows = list(csv.DictReader(metrics_csv.open()))
@@ -49,6 +50,7 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
                 logged.setdefault(key, []).append(float(value))
     expected = ["train/loss", "lr-AdamW", "perf/samples_per_s", "perf/data_wait_fraction", "perf/grad_norm",
                 "perf/peak_mem_gib", "perf/mfu", "data/samples_drawn", "data/bad_samples", "data/bad_fraction",
+                "data/fresh_shm_batches",
                 "val/psnr", "val/ssim"]
     missing = [k for k in expected if k not in logged]
     assert not missing, f"not logged: {missing}; logged: {sorted(logged)}"
@@ -61,6 +63,7 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
     assert all(0 <= v <= 1 for v in logged["perf/data_wait_fraction"])
     assert all(0 < v < 1 for v in logged["perf/mfu"]) and all(v > 0 for v in logged["perf/samples_per_s"])
     assert logged["data/samples_drawn"][-1] >= 4 and logged["data/bad_samples"][-1] == 0
+    assert logged["data/fresh_shm_batches"] == [0, 0]
     assert all(math.isfinite(v) and v > 0 for v in logged["perf/grad_norm"] + logged["val/psnr"])
 
 

@@ -5,6 +5,8 @@ in rounds so that all see the same machine load:
 * ``shards_float32`` / ``shards_uint8``: our streaming loader (``datapipes.loader``) reading
   WebDataset shards, delivering the float32 batch contract or uint8 batches
   (``output_dtype``) that the training device scales;
+* ``shards_uint8_fresh_shm``: the same with ``shm_buffers: 0``: every batch in fresh shared
+  memory (torch's way) instead of the workers' reusable buffers (``datapipes.batch_buffers``);
 * ``peer``: a peer-style map-style Dataset that opens each mp4 file (and its pose mp4) from disk
   with decord inside ``__getitem__`` and builds the same tensors;
 * ``decoder``: the decoder's own limit, decoding the same frames from bytes in memory with
@@ -126,11 +128,12 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
             paths.append((video_path, pose_path))
             index_of[key] = index
 
-    def shard_loader(output_dtype: str, seed: int):
+    def shard_loader(output_dtype: str, seed: int, shm_buffers: int = ClipLoaderConfig.shm_buffers):
         cfg = ClipLoaderConfig(shards=os.path.join(workdir, "shards"), scene_probability=None,
                                num_frames=FRAMES, frame_stride=STRIDE, height=HEIGHT, width=WIDTH,
                                batch_size=1, num_workers=workers, batches_per_epoch=clips,
-                               reference="any", crop="center", seed=seed, output_dtype=output_dtype)
+                               reference="any", crop="center", seed=seed, output_dtype=output_dtype,
+                               shm_buffers=shm_buffers)
         return iter(build_clip_loader(cfg, 0, 1))
 
     # The plan of each round: (source index, clip frames, reference frame) per clip, in order.
@@ -151,7 +154,7 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
     results = {"clips_per_round": clips, "rounds": rounds, "workers": workers, "frames": FRAMES,
                "stride": STRIDE, "size": f"{HEIGHT}x{WIDTH}", "cpu_count": os.cpu_count(),
                "load_average_before": os.getloadavg()}
-    ways = ["shards_float32", "shards_uint8", "peer", "decoder"]
+    ways = ["shards_float32", "shards_uint8", "shards_uint8_fresh_shm", "peer", "decoder"]
     steady = {way: [0, 0.0] for way in ways}
     wall = {way: [0, 0.0] for way in ways}
     with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -163,6 +166,8 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
                     items = pool.imap(_decode_only, decoder_jobs[round_index], chunksize=1)
                 elif way == "peer":
                     items = peer_loader(plans[round_index])
+                elif way == "shards_uint8_fresh_shm":
+                    items = shard_loader("uint8", round_index, shm_buffers=0)
                 else:
                     items = shard_loader(way.split("_")[1], round_index)
                 stamps, frames = _arrivals(items, clips, clip_frames(way))
@@ -177,11 +182,38 @@ def bench(clips: int, workers: int, workdir: str, rounds: int = 3) -> dict:
     for way in ways:
         results[f"{way}_clips_per_s"] = steady[way][0] / steady[way][1]
         results[f"{way}_wall_clips_per_s"] = wall[way][0] / wall[way][1]
-    for way in ways[:3]:
+    for way in ways[:4]:
         results[f"{way}_vs_decoder"] = results[f"{way}_clips_per_s"] / results["decoder_clips_per_s"]
-    for way in ways[:2]:
+    for way in ways[:3]:
         results[f"{way}_vs_peer"] = results[f"{way}_clips_per_s"] / results["peer_clips_per_s"]
+    results["shards_uint8_vs_fresh_shm"] = results["shards_uint8_clips_per_s"] / results["shards_uint8_fresh_shm_clips_per_s"]
     return results
+
+
+def fill_costs(repeats: int = 20) -> dict:
+    """Milliseconds to write one clip's images (video + reference + pose: 33 frames of 896x512x3)
+    into fresh shared memory (what torch's collate does per batch), into a shared buffer that is
+    already mapped (what a reused ``shm_buffers`` buffer costs), and into fresh private memory."""
+    import torch
+
+    frame = torch.randint(0, 256, (HEIGHT, WIDTH, 3), dtype=torch.uint8)
+    nbytes = (2 * FRAMES + 1) * frame.numel()
+    reused = torch.UntypedStorage._new_shared(nbytes)
+
+    def fill(storage):
+        torch.empty(0, dtype=torch.uint8).set_(storage, 0, (2 * FRAMES + 1, HEIGHT, WIDTH, 3)).copy_(frame)
+
+    makers = {"fresh_shared": lambda: torch.UntypedStorage._new_shared(nbytes),
+              "reused_shared": lambda: reused, "fresh_private": lambda: torch.UntypedStorage(nbytes)}
+    costs = {}
+    for name, make in makers.items():
+        fill(make())  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fill(make())
+        costs[f"fill_{name}_ms"] = (time.perf_counter() - start) / repeats * 1000
+    costs["fill_bytes"] = nbytes
+    return costs
 
 
 def main(argv=None) -> int:
@@ -191,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
-        print(json.dumps(bench(args.clips, args.workers, workdir, args.rounds), indent=1))
+        print(json.dumps(fill_costs() | bench(args.clips, args.workers, workdir, args.rounds), indent=1))
     return 0
 
 
