@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datapipes import shards
 from datapipes.batch_buffers import ReleaseBoard, WorkerBuffers
-from datapipes.clips import (CROP_MODES, IMAGE_KEYS, POSE_SOURCES, REFERENCE_MODES, BadSample,
-                             ClipSpec, ImportedFaceReenactor, collate, images_nbytes, load_clip,
+from datapipes.clips import (CROP_MODES, POSE_SOURCES, REFERENCE_MODES, BadSample, ClipSpec,
+                             ImportedFaceReenactor, collate, images_nbytes, load_clip,
                              to_batch_contract)
 from datapipes.plugins import import_object
 
@@ -497,9 +497,8 @@ class ClipLoader:
         for batch in loader:
             meta = batch.pop(_META)
             if board is not None and batch:
-                if meta["buffer"] >= 0:
-                    images = next(batch[name] for name in IMAGE_KEYS if name in batch)
-                    board.hold(meta["buffer"], images.untyped_storage())
+                if meta["buffer"] >= 0:  # every image of a batch lives in that one storage (collate)
+                    board.hold(meta["buffer"], batch["video"].untyped_storage())
                 else:
                     self.fresh_shm_batches += 1
             self.worker_states[meta["worker"]] = meta["state"]

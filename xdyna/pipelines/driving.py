@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from datapipes.clips import ResizeCrop
-from datapipes.plugins import import_object
 from datapipes.face import FaceFrame, s_face_maps
 from datapipes.facetrack import LandmarkModel, load_face_model
+from datapipes.plugins import import_object
 from datapipes.pose import render_pose
 from datapipes.pose_estimator import PoseEstimator
 
@@ -47,10 +47,10 @@ def load_pose_estimator(spec: str, model_path: str | None = None, detector_path:
     if spec == "dwpose":
         if model_path is None:
             raise InputError("--pose-estimator dwpose needs --pose-model PATH (a local DWPose .onnx file)")
-        from datapipes.pose_estimator import DWPoseOnnx, YoloxPersonBox
+        from datapipes.pose_estimator import make_pose_estimator
 
         try:
-            return DWPoseOnnx(model_path, person_box=YoloxPersonBox(detector_path) if detector_path else None)
+            return make_pose_estimator(spec, model_path, detector_path)
         except ImportError as error:
             raise InputError(f"--pose-estimator dwpose needs onnxruntime (pip install 'xdyna[pose]'): {error}") from None
     return load_plugin(spec, "pose estimator")
