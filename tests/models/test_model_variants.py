@@ -3,6 +3,8 @@ cross-frame GroupNorm statistics."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -102,21 +104,49 @@ def test_image_prompt_dropout_uses_the_blank_image():
     assert bool((is_blank ^ is_kept).all()) and 16 < int(is_blank.sum()) < 48
 
 
+def release_groupnorm(norm: torch.nn.GroupNorm, frames: int):
+    """The X-Dyna release's ResNet norm written out on its own: AnimateDiff v1 applies
+    ``nn.GroupNorm`` to the 5-D video ``(B, C, F, H, W)``, so statistics span every frame of a
+    sample, the reference frame included. Replaces ``norm.forward`` of one module instance."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        video = x.unflatten(0, (-1, frames)).transpose(1, 2)  # (B*F, C, H, W) rows -> (B, C, F, H, W)
+        out = torch.nn.functional.group_norm(video, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return out.transpose(1, 2).flatten(0, 1)
+
+    return forward
+
+
 def test_cross_frame_groupnorm_is_the_one_pass_release_formulation():
     """AnimateDiff v1 / X-Dyna release statistics: ResNet GroupNorms span all frames of a sample,
-    the reference included, so the reference cannot be cached; denoise runs the one-pass path."""
+    the reference included, so the reference cannot be cached; denoise runs the one-pass path.
+
+    The expected output comes from a model built with per-frame norms everywhere whose ResNet
+    norms are swapped for :func:`release_groupnorm`: the frame-aware norms of the model under
+    test (and their mode switches) take no part in it."""
     model = tiny_model(resnet_groupnorm="across_frames", motion_groupnorm="per_frame")
-    per_frame = tiny_model()
+    perturb(model, ["dynamics_adapter", "motion_modules", "pose_controlnet"])  # off zero init: every path shapes the output
+    per_frame = tiny_model(motion_groupnorm="per_frame")
     per_frame.load_state_dict(model.state_dict())
+    release = copy.deepcopy(per_frame)
     noisy, reference, timesteps, pose, _ = latent_inputs()
+    joint_frames = noisy.shape[1] + 1  # the reference is frame 0 of the one-pass clip
+    swapped = 0
+    for name, module in release.unet.named_modules():
+        if isinstance(module, torch.nn.GroupNorm) and (".resnets." in name or name == "conv_norm_out"):
+            module.forward = release_groupnorm(module, joint_frames)
+            swapped += 1
+    assert swapped == 2 * (4 * 2 + 4 * 3 + 2) + 1  # 2 norms per ResNet (4x2 down, 4x3 up, 2 mid), conv_norm_out
     with torch.no_grad():
-        joint = model.denoise_joint(noisy, timesteps, reference, pose)
-        torch.testing.assert_close(model.denoise(noisy, timesteps, reference, pose), joint, atol=0, rtol=0)
-        # Statistics are shared across frames: changing one frame changes the others' predictions.
+        expected = release.denoise_joint(noisy, timesteps, reference, pose)
+        got = model.denoise(noisy, timesteps, reference, pose)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        # Statistics are shared across frames: changing one frame changes the others' predictions,
+        # and per-frame statistics give another output.
         moved = noisy.clone()
         moved[:, 0] += 3
-        assert (model.denoise_joint(moved, timesteps, reference, pose)[:, 1:] - joint[:, 1:]).abs().max() > 1e-4
-        assert (per_frame.denoise_joint(noisy, timesteps, reference, pose) - joint).abs().max() > 1e-4
+        assert (model.denoise(moved, timesteps, reference, pose)[:, 1:] - got[:, 1:]).abs().max() > 1e-4
+        assert (per_frame.denoise_joint(noisy, timesteps, reference, pose) - got).abs().max() > 1e-4
     assert not model.caches_reference
     with pytest.raises(ConfigError, match="cannot be cached"):
         model.encode_reference(reference, timesteps)
