@@ -17,7 +17,9 @@ from pathlib import Path
 
 from hydra.errors import HydraException
 
-from xdyna.train import slurm
+from xdyna.errors import XDynaUserError
+from xdyna.train import config_rules, slurm
+from xdyna.train.hydra_errors import describe_config_error
 
 
 def _compose(overrides: list[str]):
@@ -55,6 +57,9 @@ def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.La
         extra_directives=tuple(job.extra_directives),
         setup=tuple(job.setup),
     )
+    spec.validate()  # the job shape's own errors first: they name a launcher key
+    # What the job would refuse on its node after the queue wait, and GPU nodes it would not use.
+    config_rules.check(cfg, config_rules.CONFIG_RULES + config_rules.LAUNCH_RULES)
     run_root = Path(cfg.run.root).resolve()
     task_overrides = [o for o in overrides if not o.lstrip("+").startswith(("run.id=", "run.root=", "launcher"))] + [
         f"run.id={run_id}",
@@ -84,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             job_id = "(dry run, not submitted)"
         else:
             job_id = slurm.submit(script_path)
-    except (slurm.LaunchError, HydraException) as error:
-        print(f"xdyna-launch: error: {error}", file=sys.stderr)
+    except (slurm.LaunchError, XDynaUserError, HydraException) as error:
+        message = describe_config_error(error, args.overrides) if isinstance(error, HydraException) else None
+        print(f"xdyna-launch: error: {message or error}", file=sys.stderr)
         return 2
     print(f"job_id   {job_id}")
     print(f"run_id   {plan.run_id}")

@@ -76,18 +76,81 @@ def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path
 
 
 @pytest.mark.parametrize(
-    "overrides, exit_code, culprit",
+    "overrides, culprit",
     [
-        (["data.shards=/nonexistent/shards"], 2, "data.shards: shard '/nonexistent/shards' does not exist"),
-        (["model=no_such_model"], 1, "Could not find 'model/no_such_model'"),
-        (["model=sd15"], 2, "required config value(s) not set: model.pretrained.sd15"),
-        (["model=sd15", "model.pretrained.sd15=/no/sd15"], 2, "model.pretrained.sd15: '/no/sd15' does not exist"),
-        (["model.face=eyes"], 2, "model.face='eyes'"),
+        (["data.shards=/nonexistent/shards"], "data.shards: shard '/nonexistent/shards' does not exist"),
+        (["model=no_such_model"], "model=no_such_model: no such option; choose one of sd15, tiny"),
+        (["stage=stag1"], "stage=stag1: no such option (did you mean stage1?); choose one of stage1, stage2"),
+        (["model.flavor=tiny"], "model.flavor=tiny: model has no key 'flavor' (did you mean flavour?)"),
+        (["data.shards=/d/train-{000000..000009}.tar"], "cannot parse override 'data.shards=/d/train-{000000..000009}.tar'"),
+        (["model=sd15"], "required config value(s) not set: model.pretrained.sd15"),
+        (["model=sd15", "model.pretrained.sd15=/no/sd15"], "model.pretrained.sd15: '/no/sd15' does not exist"),
+        (["model.face=eyes"], "model.face='eyes'"),
+        (["preset=sd15", "model.pretrained.sd15=/no/sd15", "trainer=cpu", "data.shards=null"], "data.shards is not set"),
     ],
-    ids=["missing-data", "unknown-group-value", "unset-pretrained", "missing-pretrained", "bad-value"],
+    ids=["missing-data", "unknown-group-value", "misspelt-group-value", "unknown-key", "unquoted-braces",
+         "unset-pretrained", "missing-pretrained", "bad-value", "preset-without-shards"],
 )
-def test_bad_input_exits_with_one_clear_message(tmp_path, shards, overrides, exit_code, culprit):
+def test_bad_input_exits_with_one_clear_line(tmp_path, shards, overrides, culprit):
     result = train(tmp_path, shards, "logger=none", "trainer.max_steps=1", *overrides)
-    assert result.returncode == exit_code, result.stderr[-2000:]
+    assert_one_line_error(result, culprit)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, culprit: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
     assert culprit in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("xdyna-train: error:")]
+    assert len(errors) == 1 and culprit in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def test_debug_flag_keeps_the_traceback(tmp_path, shards):
+    result = train(tmp_path, shards, "logger=none", "stage=stag1", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "MissingConfigException" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_trainer_without_a_gpu_is_refused_before_anything_is_built(tmp_path, shards):
+    result = train(tmp_path, shards, "logger=none", "trainer=gpu")
+    assert_one_line_error(result, "trainer.accelerator=gpu but this machine has no usable CUDA GPU")
+    assert not (tmp_path / "runs" / "e2e" / "checkpoints").exists()
+
+
+def test_fusion_on_human_only_shards_is_refused_at_start(tmp_path):
+    human_only = tmp_path / "human_only"
+    made = run([str(BIN / "xdyna-data"), "synth", "--out", str(human_only), "--human", "2", "--scene", "0",
+                "--frames", "8", "--height", "64", "--width", "32"], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    result = train(tmp_path, human_only, "logger=none")
+    assert_one_line_error(result, "data.scene_probability=0.25 asks for scene clips but the samples peeked in "
+                                  "data.shards are all human: set data.scene_probability=0")
+
+
+def test_gpu_launcher_is_refused_around_the_tiny_cpu_default_unless_a_smoke_test(tmp_path, capsys, monkeypatch):
+    from launch.cli import main as launch_main
+
+    monkeypatch.delenv("XDYNA_RUN_ID", raising=False)
+    assert launch_main(["slurm", "--dry-run", f"run.root={tmp_path}", "experiment=baseline"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "requests GPUs but the job has trainer.accelerator=cpu and model.flavour=tiny" in err
+    assert launch_main(["slurm", "--dry-run", f"run.root={tmp_path}", "preset=sd15"]) == 2
+    assert "not set: model.pretrained.sd15" in capsys.readouterr().err
+    assert launch_main(["slurm", "--dry-run", f"run.root={tmp_path}", "stage=stag1"]) == 2
+    assert "stage=stag1: no such option" in capsys.readouterr().err
+    assert launch_main(["slurm", "--dry-run", f"run.root={tmp_path}", "launcher.smoke_test=true"]) == 0
+    assert "#SBATCH --gpus-per-node=8" in capsys.readouterr().out
+    # CPU nodes around the tiny model (the scale tests' jobs) stay allowed.
+    assert launch_main(["slurm", "--dry-run", "--launcher", "slurm_cpu", f"run.root={tmp_path}"]) == 0
+    assert "--gpus-per-node" not in capsys.readouterr().out
+
+
+def test_preset_sd15_selects_the_real_size_gpu_run():
+    from hydra import compose, initialize_config_dir
+
+    from xdyna.train.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["preset=sd15", "experiment=wo_fusion"])
+    assert cfg.model.flavour == "sd15" and cfg.trainer.accelerator == "gpu" and cfg.data.shards is None
+    assert (cfg.data.height, cfg.data.width, cfg.data.num_frames) == (896, 512, 16)
+    assert cfg.data.scene_probability == 0.0  # the ablation still applies on top of the preset

@@ -7,10 +7,13 @@ import pytest
 from launch.cli import main as launch_main
 from xdyna.train import slurm
 
+# GPU nodes are refused around the tiny CPU default: the real-size preset with its required paths.
+REAL_SIZE = ["preset=sd15", "model.pretrained.sd15=/weights/sd15", "data.shards=/data/human"]
+
 
 def test_dry_run_renders_job_shape_from_config(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("XDYNA_RUN_ID", raising=False)
-    code = launch_main(["slurm", "--dry-run", "experiment=wo_fusion", f"run.root={tmp_path}",
+    code = launch_main(["slurm", "--dry-run", *REAL_SIZE, "experiment=wo_fusion", f"run.root={tmp_path}",
                         "launcher.nodes=4", "launcher.devices_per_node=8", "launcher.partition=gpu",
                         "launcher.account=proj", "launcher.time=02:00:00"])
     assert code == 0
@@ -23,7 +26,7 @@ def test_dry_run_renders_job_shape_from_config(tmp_path, capsys, monkeypatch):
     run_id = next(l.split()[1] for l in out.splitlines() if l.startswith("run_id"))
     assert run_id.startswith("wo_fusion-") and f"export XDYNA_RUN_ID={run_id}" in out
     # The same command gives the same run: a resubmission continues in place.
-    code = launch_main(["slurm", "--dry-run", "experiment=wo_fusion", f"run.root={tmp_path}",
+    code = launch_main(["slurm", "--dry-run", *REAL_SIZE, "experiment=wo_fusion", f"run.root={tmp_path}",
                         "launcher.nodes=4", "launcher.devices_per_node=8", "launcher.partition=gpu",
                         "launcher.account=proj", "launcher.time=02:00:00"])
     assert f"run_id   {run_id}" in capsys.readouterr().out

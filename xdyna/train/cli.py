@@ -109,7 +109,22 @@ def run_training(cfg, preemption_signals=None) -> dict[str, Any]:
         preemption_signals.restore()
 
 
+def check_config(cfg) -> None:
+    """Every check that needs no model or data loader: unset values, cross-group rules, this
+    machine's accelerator, the data's clip kinds. Runs before the heavy imports, in seconds."""
+    from omegaconf import OmegaConf
+
+    from . import config_rules
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise user_error(f"required config value(s) not set: {', '.join(missing)}")
+    config_rules.check(cfg, config_rules.CONFIG_RULES + config_rules.ENVIRONMENT_RULES)
+
+
 def _run_training(cfg, preemption_signals) -> dict[str, Any]:
+    check_config(cfg)
+
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
     from omegaconf import OmegaConf
@@ -122,9 +137,6 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from .module import XDynaTrainingModule
     from .telemetry import TrainingTelemetry
 
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise user_error(f"required config value(s) not set: {', '.join(missing)}")
     run_dir = Path(cfg.run.dir).resolve()
     L.seed_everything(cfg.seed, workers=True)
 
@@ -137,6 +149,11 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     if init_files:
         pretrained = model_cfg.setdefault("pretrained", {})
         pretrained["components"] = {**init_files, **(pretrained.get("components") or {})}
+    # GroupNorm modes left at auto are resolved here, so the hyperparameters (and the export's
+    # manifest) record the modes this model uses, even for a rebuild without the released UNet.
+    from ..models import ModelConfig
+
+    model_cfg.update(ModelConfig.from_mapping(model_cfg).groupnorm_modes())
     stage_cfg = OmegaConf.to_container(cfg.stage, resolve=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = ClipDataModule(data_cfg)  # first: checks data paths before the model loads
@@ -230,7 +247,7 @@ def _task(cfg) -> None:
     try:
         outputs = run_training(cfg, preemption_signals)
     except (XDynaUserError, FileNotFoundError) as error:
-        if os.environ.get("XDYNA_DEBUG"):
+        if debug_enabled():
             raise
         raise user_error(str(error)) from None
     if sweep_job and outputs["requeued"]:
@@ -241,15 +258,42 @@ def _task(cfg) -> None:
         raise SystemExit(0)
 
 
+def debug_enabled() -> bool:
+    """``--debug`` or ``XDYNA_DEBUG=1``: errors keep their traceback."""
+    return bool(os.environ.get("XDYNA_DEBUG"))
+
+
 def main(argv: list[str] | None = None) -> None:
     import hydra
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    from .hydra_errors import describe_config_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        # In the environment, so DDP children and sweep jobs (which inherit it) report alike.
+        os.environ["XDYNA_DEBUG"] = "1"
+    sys.argv = [sys.argv[0], *argv]
     # Set once, before Hydra, so every process of this run (DDP children inherit the
     # environment) resolves the same run directory.
     os.environ.setdefault("XDYNA_RUN_ID", default_run_id())
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_task)()
+    # Hydra composes the config before _task runs and, by default, reports a bad override itself
+    # (several lines, exit status 1). HYDRA_FULL_ERROR makes it raise instead, so the errors reach
+    # the one-line translation below; anything that is not a config error keeps its traceback.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_task)()
+    except Exception as error:
+        message = None if debug_enabled() else describe_config_error(error, [a for a in argv if not a.startswith("-")])
+        if message is None:
+            raise
+        raise user_error(message) from None
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":
