@@ -116,6 +116,77 @@ def test_frame_folders_work_like_videos(eval_folders, tmp_path, tiny_manifest, c
     assert report["metrics"]["psnr"]["frames"] == 8
 
 
+def test_two_files_without_weights_compute_what_needs_none_and_name_the_rest(eval_folders, tmp_path, capsys):
+    """The first thing a user tries: one prediction, one ground truth, no flags."""
+    code, out, err = _run(["--pred", str(eval_folders["pred"] / "clip0.mp4"), "--gt", str(eval_folders["gt"] / "clip0.mp4"),
+                           "--quiet", "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0, err
+    notes = err.strip().splitlines()
+    assert len(notes) == 1 and "skipped lpips (vgg16_imagenet)" in notes[0] and "--weights" in notes[0]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"l1", "psnr", "ssim", "face_det"} and report["skipped"] == {"lpips": ["vgg16_imagenet"]}
+    assert report["metrics"]["psnr"]["frames"] == 8 and set(report["per_video"]) == {"clip0"}
+    assert "Skipped for want of weights: lpips" in out
+
+
+def test_default_metrics_with_a_manifest_include_lpips(eval_folders, tiny_manifest, tmp_path, capsys):
+    code, _, err = _run(["--pred", str(eval_folders["pred"] / "clip1.mp4"), "--gt", str(eval_folders["gt"] / "clip1.mp4"),
+                         "--weights", str(tiny_manifest), "--quiet", "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0 and "skipped" not in err
+    assert "lpips" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        ({"--clip-frames": "0"}, "--clip-frames"),
+        ({"--max-frames": "0"}, "--max-frames"),
+        ({"--bootstrap": "-1"}, "--bootstrap"),
+        ({"--pred": "nowhere.mp4"}, "--pred"),
+        ({"--gt": "FOLDER"}, "--gt must both be"),
+        ({"--metrics": "psnr,bogus"}, "--metrics"),
+        ({"--metrics": "lpips"}, "--metrics lpips needs 'vgg16_imagenet'"),
+        ({"--metrics": "fg_fid"}, "--metrics fg_fid needs"),
+        ({"--weights": "missing.json"}, "--weights"),
+        ({"--device": "tpu"}, "--device"),
+        ({"--clip-frames": "many"}, "--clip-frames"),  # argparse's own error, also one line
+    ],
+)
+def test_argument_errors_are_one_line_naming_the_flag(eval_folders, tmp_path, capsys, monkeypatch, change, flag):
+    import xdyna.metrics.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("videos were read before the arguments were checked")
+
+    monkeypatch.setattr(cli, "pair_videos", refuse)
+    args = {"--pred": str(eval_folders["pred"] / "clip0.mp4"), "--gt": str(eval_folders["gt"] / "clip0.mp4"),
+            "--out": str(tmp_path / "o")}
+    args.update({k: str(eval_folders["gt"]) if v == "FOLDER" else str(tmp_path / v) if v.endswith((".mp4", ".json")) else v
+                 for k, v in change.items()})
+    try:
+        code = main([*(item for pair in args.items() for item in pair), "--quiet"])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xdyna-eval: error:") and flag in err[0], err
+
+
+def test_debug_shows_the_traceback(eval_folders):
+    from xdyna.metrics.sources import EvalInputError
+
+    with pytest.raises(EvalInputError, match="--clip-frames"):
+        main(["--pred", str(eval_folders["pred"]), "--gt", str(eval_folders["gt"]), "--clip-frames", "0", "--debug"])
+
+
+def test_a_driving_video_as_ground_truth_points_to_save_ground_truth(eval_folders, tmp_path, capsys):
+    driving = tmp_path / "driving.mp4"
+    driving.write_bytes(encode_mp4(np.zeros((12, 128, 96, 3), np.uint8), 8))
+    code, _, err = _run(["--pred", str(eval_folders["pred"] / "clip0.mp4"), "--gt", str(driving), "--metrics", "psnr",
+                         "--quiet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--save-ground-truth" in err
+
+
 def test_validation_metrics_on_training_tensors():
     generator = torch.Generator().manual_seed(0)
     gt = torch.rand(2, 3, 3, 32, 32, generator=generator) * 2 - 1

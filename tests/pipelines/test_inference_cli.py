@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datapipes.video import probe
@@ -110,3 +111,165 @@ def test_shared_example_1_animates_with_the_tiny_model(tmp_path, capsys):
     # The pose panel carries the example's skeleton (not a blank or failed decode).
     middle = np.asarray(Image.open(out.with_suffix(".contact.png")))[:, 64:128]
     assert middle.max() > 100
+
+
+# ---------------------------------------------------------------------- exports, argument checks, ground truth
+
+STAGE1 = ["dynamics_adapter", "motion_modules", "pose_controlnet"]
+
+
+def write_run_with_export(run_dir: Path, model, model_config: dict) -> Path:
+    """A run directory as xdyna-train leaves it: a checkpoint and the stage's export/ of it."""
+    from xdyna.train.export import export_run
+
+    state = {f"model.{name}": param.detach().clone() for component in STAGE1
+             for name, param in model.component_parameters()[component]}
+    checkpoint = run_dir / "checkpoints" / "step=000007.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"state_dict": state, "hyper_parameters": {"model": model_config, "stage": {}}, "global_step": 7}, checkpoint)
+    return export_run(run_dir, checkpoint, model=model)
+
+
+@pytest.fixture
+def run_with_export(tmp_path, tiny_pipeline) -> Path:
+    run_dir = tmp_path / "run"
+    write_run_with_export(run_dir, tiny_pipeline.model, {"flavour": "tiny"})
+    return run_dir
+
+
+def test_export_folder_and_run_directory_load_as_pretrained(run_with_export, tiny_pipeline, tmp_path, driving_files, capsys):
+    from xdyna.pipelines import XDynaPipeline
+
+    ours = tiny_pipeline.model.state_dict()
+    loaded = XDynaPipeline.from_pretrained(run_with_export / "export").model.state_dict()
+    # The exported components and the frozen weights rebuilt from the recorded config: all equal
+    # the trained model except the S-Face ControlNet, which this stage did not train.
+    assert all(torch.equal(loaded[k], ours[k]) for k in ours if not k.startswith("face_controlnet."))
+    out = tmp_path / "from_run.mp4"
+    code = main(["--pretrained", str(run_with_export), "--steps", "1", "--device", "cpu", "--reference", str(driving_files["reference"]),
+                 "--pose", str(driving_files["pose"]), "--out", str(out), "--frames", "2", "--height", "64", "--width", "64",
+                 "--no-preview"])
+    assert code == 0, capsys.readouterr().err
+    assert video_info(out).num_frames == 2
+
+
+def test_export_with_missing_base_weights_names_the_flag(tmp_path, tiny_pipeline, tiny_sd15_folder, driving_files, capsys,
+                                                          monkeypatch):
+    from xdyna.pipelines.pipeline import export_model_config
+
+    _no_model_building(monkeypatch)
+    run_dir = tmp_path / "run"
+    write_run_with_export(run_dir, tiny_pipeline.model, {"flavour": "tiny", "pretrained": {"sd15": str(tmp_path / "moved-sd15")}})
+    assert main(["--pretrained", str(run_dir), "--device", "cpu", "--reference", str(driving_files["reference"]),
+                 "--pose", str(driving_files["pose"]), "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.pretrained.sd15" in err[0] and "--sd15" in err[0]
+    config = export_model_config(run_dir, sd15=tiny_sd15_folder)
+    assert config["pretrained"]["sd15"] == str(tiny_sd15_folder)
+    assert set(config["pretrained"]["components"]) == set(STAGE1)
+    (run_dir / "export" / "export.json").unlink()
+    assert main(["--pretrained", str(run_dir), "--model", "tiny", "--reference", str(driving_files["reference"]),
+                 "--pose", str(driving_files["pose"]), "--out", str(tmp_path / "o.mp4")]) == 2
+    assert "xdyna-export" in capsys.readouterr().err  # a run without an export: how to make one
+
+
+def _no_model_building(monkeypatch):
+    """Any model construction fails the test: argument errors must come before it."""
+    import xdyna.pipelines.pipeline as pipeline_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(pipeline_module, "build_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--eta", "1.5"], "--eta"),
+        (["--frames", "0"], "--frames"),
+        (["--stride", "0"], "--stride"),
+        (["--start", "500"], "--start"),
+        (["--fps", "0"], "--fps"),
+        (["--height", "100"], "--height"),
+        (["--width", "-64"], "--width"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--pose-scale", "-1"], "--pose-scale"),
+        (["--context-overlap", "16"], "--context-overlap"),
+        (["--windows-per-batch", "0"], "--windows-per-batch"),
+        (["--seed", "-1"], "--seed"),
+        (["--dtype", "fp16"], "--dtype"),
+        (["--device", "tpu"], "--device"),
+        (["--sd15", "."], "--sd15"),
+        (["--save-ground-truth", "gt.mp4"], "--save-ground-truth"),
+        (["--pose-model", "x.onnx"], "--pose-model"),
+        (["--face-detector", "retina"], "--face-detector"),
+        (["--steps", "many"], "--steps"),  # argparse's own error, also one line
+    ],
+)
+def test_argument_errors_name_the_flag_before_any_model_is_built(tmp_path, driving_files, capsys, monkeypatch, extra, flag):
+    _no_model_building(monkeypatch)
+    argv = [*TINY, "--reference", str(driving_files["reference"]), "--pose", str(driving_files["pose"]),
+            "--out", str(tmp_path / "o.mp4"), *extra]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xdyna-animate: error:") and flag in err[0], err
+
+
+def test_cuda_without_a_gpu_is_refused_up_front(tmp_path, driving_files, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _no_model_building(monkeypatch)
+    assert main(["--model", "tiny", "--device", "cuda", "--reference", str(driving_files["reference"]),
+                 "--pose", str(driving_files["pose"]), "--out", str(tmp_path / "o.mp4")]) == 2
+    assert "--device cuda but no CUDA device" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, driving_files, monkeypatch):
+    from xdyna.pipelines.checks import InputError
+
+    argv = [*TINY, "--reference", str(driving_files["reference"]), "--pose", str(driving_files["pose"]),
+            "--out", str(tmp_path / "o.mp4"), "--steps", "0"]
+    with pytest.raises(InputError, match="--steps"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("XDYNA_DEBUG", "1")
+    with pytest.raises(InputError, match="--steps"):
+        main(argv)
+
+
+def test_ground_truth_frames_are_the_frames_the_pipeline_used(driving_files, monkeypatch):
+    """The face maps are computed on the fitted driving frames: the ground truth must be exactly those."""
+    import xdyna.pipelines.driving as driving
+    from xdyna.pipelines.preview import ground_truth_frames, to_uint8
+
+    used = {}
+    real_face_maps = driving.face_maps
+
+    def spy(frames, faces, source_hw):
+        used["frames"] = frames
+        return real_face_maps(frames, faces, source_hw)
+
+    monkeypatch.setattr(driving, "face_maps", spy)
+    size = (64, 128)
+    signals = driving.prepare_driving(size, pose_video=driving_files["pose"], driving_video=driving_files["driving"],
+                                      face_model=lambda frames: [None] * len(frames), stride=3, max_frames=5, start=2)
+    assert list(signals.indices) == [2, 5, 8, 11, 14]
+    truth = ground_truth_frames(driving_files["driving"], signals, size)
+    assert truth.shape == (5, 64, 128, 3) and truth.dtype == np.uint8
+    assert np.array_equal(truth, to_uint8(used["frames"], (0, 1)))
+
+
+def test_save_ground_truth_matches_the_animation_in_frames_size_and_fps(tmp_path, driving_files, capsys):
+    out, truth = tmp_path / "dance.mp4", tmp_path / "gt.mp4"
+    code = main([*TINY, "--reference", str(driving_files["reference"]), "--driving", str(driving_files["driving"]),
+                 "--pose-video", str(driving_files["pose"]), "--no-face", "--out", str(out), "--stride", "2", "--start", "1",
+                 "--frames", "4", "--height", "64", "--width", "64", "--no-preview", "--save-ground-truth", str(truth)])
+    assert code == 0, capsys.readouterr().err
+    made, gt = video_info(out), video_info(truth)
+    assert (gt.num_frames, gt.height, gt.width) == (made.num_frames, made.height, made.width) == (4, 64, 64)
+    assert gt.fps == pytest.approx(made.fps, rel=0.01)
+    assert "ground_truth" in capsys.readouterr().out

@@ -62,6 +62,9 @@ def markdown_table(report: dict) -> str:
     protocol = report["protocol"]
     lines.append("")
     lines.append(f"{protocol['videos']} videos, {protocol['frames']} frames; clips of {protocol['clip_frames']} frames.")
+    if report.get("skipped"):
+        left_out = ", ".join(f"{m} (needs {'/'.join(e)})" for m, e in report["skipped"].items())
+        lines.append(f"Skipped for want of weights: {left_out}; list them in a --weights manifest (docs/metrics.md).")
     return "\n".join(lines) + "\n"
 
 

@@ -25,12 +25,40 @@ from .weights import WeightsManifest
 FACE_METRICS = ("face_det", "face_cos", "face_exp")
 ALL_METRICS = tuple(FIDELITY_METRICS) + DISTRIBUTION_METRICS + FACE_METRICS
 METRIC_GROUPS = {
-    "cheap": ("psnr", "ssim", "lpips", "face_det"),
+    "cheap": ("l1", "psnr", "ssim", "lpips", "face_det"),
     "fidelity": ("l1", "psnr", "ssim", "lpips"),
     "disco": ("disco_l1", "disco_psnr", "disco_ssim", "disco_lpips"),
     "paper": ("l1", "psnr", "ssim", "lpips", "disco_l1", "disco_psnr", "disco_ssim", "disco_lpips", "fid", "fg_fid",
               "bg_fid", "dtfvd", "fg_dtfvd", "bg_dtfvd", "cd_fvd", "face_det", "face_cos"),
 }
+
+
+# What xdyna-eval computes without --metrics: of these, the ones whose weights are at hand.
+DEFAULT_METRICS = ("cheap",)
+
+
+def metric_weights(metric: str) -> tuple[str, ...]:
+    """The weights-manifest entries ``metric`` cannot run without (LPIPS's heads ship in a wheel;
+    MTCNN's weights ship in facenet-pytorch)."""
+    if metric in ("lpips", "disco_lpips"):
+        return ("vgg16_imagenet",)
+    if metric in DISTRIBUTION_METRICS:
+        return (DISTRIBUTION_BASES[split_region(metric)[1]].weights,)
+    if metric == "face_cos":
+        return ("adaface",)
+    return ()
+
+
+def usable_metrics(metrics: Sequence[str], manifest: WeightsManifest) -> tuple[list[str], dict[str, list[str]]]:
+    """``(metrics whose weight entries the manifest lists, {skipped metric: missing entries})``."""
+    usable, skipped = [], {}
+    for metric in metrics:
+        missing = [name for name in metric_weights(metric) if name not in manifest]
+        if missing:
+            skipped[metric] = missing
+        else:
+            usable.append(metric)
+    return usable, skipped
 
 
 def resolve_metrics(names: Sequence[str]) -> list[str]:

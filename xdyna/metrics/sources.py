@@ -119,21 +119,29 @@ def read_image(path: Path) -> torch.Tensor:
 
 def pair_videos(pred_dir: Path, gt_dir: Path, ref_dir: Path | None = None, mask_dir: Path | None = None,
                 ) -> list[VideoPair]:
-    """Match prediction and ground-truth videos by name and check they can be compared frame by frame."""
-    preds, gts = list_videos(pred_dir, "pred"), list_videos(gt_dir, "gt")
+    """Match prediction and ground-truth videos by name and check they can be compared frame by
+    frame. Two files (``--pred out.mp4 --gt gt.mp4``) are one pair named after the prediction."""
+    if pred_dir.is_file() and gt_dir.is_file():
+        preds, gts = {pred_dir.stem: pred_dir}, {pred_dir.stem: gt_dir}
+    else:
+        preds, gts = list_videos(pred_dir, "pred"), list_videos(gt_dir, "gt")
     missing = sorted(set(preds) - set(gts))
     if missing:
         raise EvalInputError(f"{len(missing)} predicted videos have no ground truth in {gt_dir}: {missing[:5]}")
-    masks = list_videos(mask_dir, "masks") if mask_dir is not None else {}
+    masks = {}
+    if mask_dir is not None:
+        masks = {name: mask_dir for name in preds} if mask_dir.is_file() else list_videos(mask_dir, "masks")
     pairs = []
     for name in sorted(preds):
         pred, gt = VideoSource(preds[name]), VideoSource(gts[name])
         if pred.num_frames != gt.num_frames:
             raise EvalInputError(f"{name!r}: prediction has {pred.num_frames} frames, ground truth {gt.num_frames} "
-                                 f"({pred.path} vs {gt.path})")
+                                 f"({pred.path} vs {gt.path}); a driving video is not the ground truth as is: "
+                                 "xdyna-animate --save-ground-truth GT.mp4 writes it (docs/metrics.md)")
         if (pred.height, pred.width) != (gt.height, gt.width):
             raise EvalInputError(f"{name!r}: prediction is {pred.height}x{pred.width}, ground truth {gt.height}x{gt.width} "
-                                 f"({pred.path} vs {gt.path}); resize before evaluating")
+                                 f"({pred.path} vs {gt.path}); make the ground truth at the inference size with "
+                                 "xdyna-animate --save-ground-truth GT.mp4 (docs/metrics.md)")
         mask = None
         if mask_dir is not None:
             if name not in masks:
@@ -142,6 +150,6 @@ def pair_videos(pred_dir: Path, gt_dir: Path, ref_dir: Path | None = None, mask_
             if (mask.num_frames, mask.height, mask.width) != (gt.num_frames, gt.height, gt.width):
                 raise EvalInputError(f"{name!r}: mask video {mask.path} is {mask.num_frames}x{mask.height}x{mask.width}, "
                                      f"video is {gt.num_frames}x{gt.height}x{gt.width}")
-        reference = find_reference(ref_dir, name) if ref_dir is not None else None
+        reference = None if ref_dir is None else ref_dir if ref_dir.is_file() else find_reference(ref_dir, name)
         pairs.append(VideoPair(name, pred, gt, reference, mask))
     return pairs

@@ -327,7 +327,7 @@ def convert_xdyna_unet(state: Mapping[str, torch.Tensor], prefix: str = "unet.")
 
 def save_component_safetensors(model, component: str, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write one component's weights (names of :meth:`XDynaModel.component_parameters`) as safetensors."""
-    from safetensors.torch import save_file
+    from datapipes.atomic import save_safetensors  # safetensors writes a 0600 temporary: normal mode restored
 
     params = model.component_parameters().get(component)
     if not params:
@@ -337,7 +337,7 @@ def save_component_safetensors(model, component: str, path: str | Path, metadata
     tensors = {name: param.detach().float().contiguous().cpu() for name, param in params}
     info = {"format": COMPONENT_FORMAT, "component": component, "flavour": model.config.flavour}
     info.update(metadata or {})
-    save_file(tensors, str(path), metadata=info)
+    save_safetensors(tensors, path, metadata=info)
     return path
 
 

@@ -25,11 +25,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from datapipes.atomic import save_safetensors, write_bytes_atomic
 
 from ..diffusion import sampling_scheduler
 from ..models import ModelConfig, XDynaModel, build_model
 from ..models.flavours import get_flavour
+from ..train.export import EXPORT_MANIFEST, EXPORT_SUBDIR
 from .context import ContextOptions
 from .checks import InputError, require_file
 from .sampling import denoise_latents, encode_image_prompt, initial_latents, model_has_image_prompt
@@ -121,22 +124,28 @@ def _load_lightning_checkpoint(file: Path) -> dict:
     return dict(payload)
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` checked as an ``xdyna-train`` checkpoint file, before anything reads it. A folder is
+    refused with the reason: DeepSpeed writes sharded checkpoint folders that must first be
+    consolidated into one file, and a pipeline or export folder loads as pretrained."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        if (file / PIPELINE_FILE).exists() or (file / EXPORT_MANIFEST).exists():
+            raise InputError(f"checkpoint {str(file)!r} is a pipeline or export folder: load it as pretrained, not as a checkpoint")
+        raise InputError(
+            f"checkpoint {str(file)!r} is a folder, expected a .ckpt file (a DeepSpeed checkpoint folder must first be "
+            "consolidated into one file, e.g. with xdyna-export or Lightning's convert_zero_checkpoint_to_fp32_state_dict)"
+        )
+    return require_file(file, "checkpoint")
+
+
 def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """``(model weights, model config or None)`` of an ``xdyna-train`` checkpoint file.
 
     Weight names are those of :class:`XDynaModel` (the LightningModule's ``model.`` prefix is
-    removed). A folder is refused with the reason: DeepSpeed writes sharded checkpoint folders
-    that must first be consolidated into one file.
+    removed); folders are refused (see :func:`checkpoint_file`).
     """
-    file = Path(path).expanduser()
-    if file.is_dir():
-        if (file / PIPELINE_FILE).exists():
-            raise InputError(f"checkpoint {str(file)!r} is a pipeline folder: load it as pretrained, not as a checkpoint")
-        raise InputError(
-            f"checkpoint {str(file)!r} is a folder, expected a .ckpt file (a DeepSpeed checkpoint folder must first be "
-            "consolidated into one file, e.g. with Lightning's convert_zero_checkpoint_to_fp32_state_dict)"
-        )
-    file = require_file(file, "checkpoint")
+    file = checkpoint_file(path)
     payload = _load_lightning_checkpoint(file)
     state = payload.get("state_dict", payload)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -145,6 +154,84 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     hyper = payload.get("hyper_parameters") or {}
     model_config = dict(hyper["model"]) if isinstance(hyper, Mapping) and isinstance(hyper.get("model"), Mapping) else None
     return weights, model_config
+
+
+def weights_folder(folder: str | Path) -> tuple[str, Path]:
+    """What ``folder`` holds: ``("pipeline", folder)`` (written by :meth:`XDynaPipeline.save_pretrained`)
+    or ``("export", export folder)`` (written by ``xdyna-export`` or at the end of a training stage;
+    a run directory stands for its ``export/``). Anything else is an error saying what was expected."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise PipelineFormatError(
+            f"pretrained pipeline {str(folder)!r} is a file, expected a folder written by save_pretrained or xdyna-export "
+            "(a training .ckpt loads as a checkpoint)"
+        )
+    if (folder / PIPELINE_FILE).is_file():
+        return "pipeline", folder
+    if (folder / EXPORT_MANIFEST).is_file():
+        return "export", folder
+    if (folder / EXPORT_SUBDIR / EXPORT_MANIFEST).is_file():
+        return "export", folder / EXPORT_SUBDIR
+    if (folder / "checkpoints").is_dir():
+        raise PipelineFormatError(
+            f"run directory {str(folder)!r} holds no {EXPORT_SUBDIR}/{EXPORT_MANIFEST} (no stage finished with an export): "
+            f"make one with xdyna-export {folder}/checkpoints/latest {folder}/{EXPORT_SUBDIR}"
+        )
+    raise PipelineFormatError(
+        f"pretrained pipeline {str(folder)!r} lacks {PIPELINE_FILE} (save_pretrained) and {EXPORT_MANIFEST} (xdyna-export): "
+        "give a pipeline folder, an export folder or a run directory"
+    )
+
+
+def export_model_config(folder: str | Path, config: ModelConfig | Mapping[str, Any] | None = None,
+                        sd15: str | Path | None = None) -> dict[str, Any]:
+    """The model config that rebuilds an export's model: ``config`` or the one the export records,
+    ``sd15`` as its SD1.5 folder when given, the export's components applied after any the config
+    already lists (an earlier stage's). Every file it names is checked here, before anything is
+    built; the error names the config key and what to pass instead."""
+    kind, export_dir = weights_folder(folder)
+    if kind != "export":
+        raise PipelineFormatError(f"{str(folder)!r} is a pipeline folder, not an export: load it with from_pretrained")
+    manifest_file = export_dir / EXPORT_MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        components = manifest["components"]
+        recorded = manifest["model"]
+        if not isinstance(components, list) or not all(isinstance(c, str) for c in components):
+            raise TypeError(f"components is {components!r}, expected a list of names")
+        if config is None and not isinstance(recorded, Mapping):
+            raise TypeError(f"model is {type(recorded).__name__}, expected a model config mapping")
+    except (ValueError, KeyError, TypeError) as error:
+        raise PipelineFormatError(f"{str(manifest_file)!r} is unreadable ({error}); re-export with xdyna-export") from None
+    if isinstance(config, ModelConfig):
+        config = asdict(config)
+    mapping = json.loads(json.dumps(config if config is not None else recorded))  # a deep, plain copy
+    pretrained = dict(mapping.get("pretrained") or {})
+    if sd15 is not None:
+        sd15_folder = Path(sd15).expanduser()
+        if not sd15_folder.is_dir():
+            raise InputError(f"SD1.5 folder {str(sd15_folder)!r} does not exist or is not a folder (diffusers layout: unet/, vae/, ...)")
+        pretrained["sd15"] = str(sd15_folder)
+    own = {name: str(export_dir / f"{name}.safetensors") for name in components}
+    pretrained["components"] = {**(pretrained.get("components") or {}), **own}
+    for name, path in pretrained["components"].items():
+        if not Path(path).expanduser().is_file():
+            where = "this export" if name in own else f"the earlier stage the export records (model.pretrained.components.{name})"
+            raise PipelineFormatError(f"{name} weights {path!r} of {where} do not exist")
+    for key, path in pretrained.items():
+        if key != "components" and path is not None and not Path(str(path)).expanduser().exists():
+            hint = ("pass the local SD1.5 folder as sd15 (xdyna-animate --sd15 DIR)" if key == "sd15"
+                    else "give a model config with local paths (xdyna-animate --model YAML)")
+            raise PipelineFormatError(f"export {str(export_dir)!r} records model.pretrained.{key}={str(path)!r}, "
+                                      f"which does not exist here: {hint}")
+    mapping["pretrained"] = pretrained
+    flavour = mapping.get("flavour", "tiny")
+    if flavour != "tiny" and not (pretrained.get("sd15") or pretrained.get("xdyna_unet")):
+        raise PipelineFormatError(f"export {str(export_dir)!r} ({flavour} model) records no frozen SD1.5 weights "
+                                  "(model.pretrained.sd15): pass sd15 (xdyna-animate --sd15 DIR)")
+    return mapping
 
 
 class XDynaPipeline:
@@ -171,6 +258,12 @@ class XDynaPipeline:
     @property
     def has_face_controlnet(self) -> bool:
         return self.model.face_controlnet is not None
+
+    @property
+    def face_landmarks_in_pose(self) -> bool:
+        """A w/lmk model: it was trained on pose images carrying the face landmarks, so its pose
+        input must carry them too (``prepare_driving(..., face_landmarks_in_pose=True)``)."""
+        return self.model.config.face == "landmarks_in_pose"
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "XDynaPipeline":
         device = device if device is not None else self.device
@@ -218,6 +311,22 @@ class XDynaPipeline:
             pipeline.load_weights(weights, source=str(path))
         return pipeline.to(device, dtype)
 
+    @classmethod
+    def from_export(
+        cls,
+        folder: str | Path,
+        config: ModelConfig | Mapping[str, Any] | None = None,
+        sd15: str | Path | None = None,
+        device="cpu",
+        dtype="fp32",
+    ) -> "XDynaPipeline":
+        """An ``xdyna-export`` folder (what a finished training stage writes to ``<run>/export``;
+        a run directory is accepted for it): the model config it records (or ``config``), the
+        frozen base weights from the folders that config names (``sd15`` replaces the SD1.5
+        folder, e.g. on another machine), the exported components applied last."""
+        mapping = export_model_config(folder, config, sd15)
+        return cls.from_config(mapping, device=device, dtype=dtype)
+
     def load_weights(self, weights: Mapping[str, torch.Tensor], source: str = "<weights>") -> list[str]:
         """Copy ``weights`` (names of :class:`XDynaModel`, any subset) into the model; every name
         must exist with the same shape. Returns the components they touched."""
@@ -249,34 +358,28 @@ class XDynaPipeline:
             (folder / name).mkdir(exist_ok=True)
             if hasattr(module, "save_config"):  # diffusers models; the image prompt is configured by the model config
                 module.save_config(folder / name)
-            save_file(_state_dict_of(module), folder / name / WEIGHTS_FILE)
+            save_safetensors(_state_dict_of(module), folder / name / WEIGHTS_FILE)
         persistent = set(self.model.state_dict())
         extra = {name: buffer.detach().contiguous().cpu() for name, buffer in self.model.named_buffers() if name not in persistent}
-        save_file(extra, folder / BUFFERS_FILE)
+        save_safetensors(extra, folder / BUFFERS_FILE)
         self.scheduler.save_pretrained(folder / "scheduler")
         config = asdict(self.model.config)
         # Base-weight folders are baked into the saved components: the copy stands alone.
         config["pretrained"] = {key: None for key in config["pretrained"]}
         manifest = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "model_config": config,
                     "components": sorted(self.components())}
-        (folder / PIPELINE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_bytes_atomic(folder / PIPELINE_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
         return folder
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype="fp32") -> "XDynaPipeline":
         """Load a folder written by :meth:`save_pretrained`; every component must be present
-        and match the recorded architecture exactly."""
-        folder = Path(folder).expanduser()
-        if not folder.exists():
-            raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} does not exist")
-        if not folder.is_dir():
-            raise PipelineFormatError(
-                f"pretrained pipeline {str(folder)!r} is a file, expected a folder written by save_pretrained "
-                "(a training .ckpt loads as a checkpoint)"
-            )
+        and match the recorded architecture exactly. An export folder or a run directory (see
+        :func:`weights_folder`) loads with :meth:`from_export`."""
+        kind, folder = weights_folder(folder)
+        if kind == "export":
+            return cls.from_export(folder, device=device, dtype=dtype)
         manifest_file = folder / PIPELINE_FILE
-        if not manifest_file.is_file():
-            raise PipelineFormatError(f"pretrained pipeline {str(folder)!r} lacks {PIPELINE_FILE}: not a folder written by save_pretrained")
         try:
             manifest = json.loads(manifest_file.read_text())
             if manifest.get("format") != PIPELINE_FORMAT:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datapipes.atomic import publish, temporary_sibling, write_bytes_atomic
 from datapipes.video import encode_mp4
 
 from .checks import InputError
@@ -46,6 +46,16 @@ def contact_sheet(panels: np.ndarray, columns: int = 8) -> np.ndarray:
     return np.concatenate(strips, axis=1)
 
 
+def ground_truth_frames(driving_video: str | Path, signals, size: tuple[int, int]) -> np.ndarray:
+    """The ground truth of an animation made from ``driving_video``: ``uint8 (F, H, W, 3)``, its
+    frames at ``signals.indices`` (the pipeline's :class:`DrivingSignals`: same start, stride
+    and length), cover-resized and centre-cropped to ``size`` by the decoding the face maps use."""
+    from .driving import _decode_fitted
+    from .inputs import VideoFile
+
+    return to_uint8(_decode_fitted(VideoFile(driving_video, "driving video"), signals.indices, size), (0, 1))
+
+
 @dataclass
 class WrittenFiles:
     video: Path
@@ -70,13 +80,6 @@ def check_output_path(out: str | Path) -> Path:
     return path
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    # A reader (or a crash) never sees half a file under the final name.
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    temporary.write_bytes(data)
-    temporary.replace(path)
-
-
 def write_animation(out: str | Path, frames: np.ndarray, fps: float, reference: np.ndarray | None = None,
                     pose: np.ndarray | None = None, preview: bool = True) -> WrittenFiles:
     """Write ``frames uint8 (F, H, W, 3)`` to ``out`` at ``fps``; with ``preview`` (and the
@@ -84,15 +87,15 @@ def write_animation(out: str | Path, frames: np.ndarray, fps: float, reference: 
     contact sheet beside it."""
     path = check_output_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, encode_mp4(frames, fps))
+    write_bytes_atomic(path, encode_mp4(frames, fps))
     if not preview:
         return WrittenFiles(path, None, None)
     if reference is None or pose is None:
         raise ValueError("a preview needs the reference and the pose frames")
     panels = side_by_side(reference, pose, frames)
     preview_video, sheet = preview_paths(path)
-    _write_atomically(preview_video, encode_mp4(panels, fps))
-    temporary = sheet.with_name(f".{sheet.name}.partial-{os.getpid()}")
+    write_bytes_atomic(preview_video, encode_mp4(panels, fps))
+    temporary = temporary_sibling(sheet)
     Image.fromarray(contact_sheet(panels)).save(temporary, format="PNG")
-    temporary.replace(sheet)
+    publish(temporary, sheet)
     return WrittenFiles(path, preview_video, sheet)

@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from datapipes.atomic import write_bytes_atomic
 from datapipes.video import encode_mp4
 
 from ..metrics.validation import validation_metrics
@@ -77,10 +78,7 @@ class SampleVideoCallback(L.Callback):
             self.render(trainer, pl_module)
 
     def _write(self, path: Path, frames: np.ndarray) -> Path:
-        tmp = path.with_suffix(".mp4.tmp")
-        tmp.write_bytes(encode_mp4(frames, self.fps))
-        tmp.replace(path)  # a reader (W&B, a person) never sees half a file
-        return path
+        return write_bytes_atomic(path, encode_mp4(frames, self.fps))  # a reader (W&B, a person) never sees half a file
 
     @torch.no_grad()
     def render(self, trainer: L.Trainer, pl_module) -> Path | None:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from datapipes.atomic import save_safetensors, write_bytes_atomic
 
 from xdyna.errors import XDynaUserError
 
@@ -109,8 +111,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     step = int(meta.get("global_step", -1))
     for component, tensors in groups.items():
-        save_file(tensors, str(out_dir / f"{component}.safetensors"),
-                  metadata={"format": "xdyna-component", "component": component, "step": str(step)})
+        save_safetensors(tensors, out_dir / f"{component}.safetensors",
+                         metadata={"format": "xdyna-component", "component": component, "step": str(step)})
     manifest = {
         "components": sorted(groups),
         "step": step,
@@ -118,7 +120,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         "model": hparams["model"],
         "stage": hparams.get("stage"),
     }
-    (out_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    write_bytes_atomic(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return manifest
 
 
