@@ -1,4 +1,5 @@
-"""Training callbacks: sample videos (with validation metrics) from a fixed batch; test-only step delay."""
+"""Training callbacks: sample videos (with validation metrics) from a fixed batch; the step progress bar;
+test-only step delay."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from datapipes.atomic import write_bytes_atomic
 from datapipes.video import encode_mp4
@@ -139,3 +141,32 @@ class StepSleep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run: ``step N/max_steps``, starting at the resumed step.
+
+    Lightning's bar counts the batches of an epoch; this loader's epochs have a fixed length per
+    rank unrelated to ``max_steps``, and the run is step-bounded (``max_epochs=-1``), so it read
+    ``Epoch 0/-2`` and ``40/32``.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = trainer.global_step
+        bar.n = trainer.global_step
+        bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # epochs are the loader's business: the bar goes on counting steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._should_update(step, self.train_progress_bar.total):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -40,15 +40,16 @@ def user_error(message: str) -> "SystemExit":
     return SystemExit(2)
 
 
-def build_logger(cfg, run_dir: Path):
+def build_logger(cfg, run_dir: Path, resume_step: int = 0):
+    """``resume_step``: the optimizer step of the checkpoint the run resumes from (0: none)."""
     kind = cfg.logger.kind
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        from .csv_history import HistoryCSVLogger
 
-        # ${run.dir}/metrics/metrics.csv; a requeued run appends to the same file.
-        return CSVLogger(save_dir=str(run_dir), name="metrics", version="")
+        # ${run.dir}/metrics/metrics.csv; a resumed run keeps the rows of the steps it resumes from.
+        return HistoryCSVLogger(save_dir=str(run_dir), name="metrics", version="", keep_before_step=resume_step)
     if kind != "wandb":
         raise user_error(f"logger.kind={kind!r}; choose wandb, csv or none")
     from lightning.pytorch.loggers import WandbLogger
@@ -129,8 +130,8 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor
     from omegaconf import OmegaConf
 
-    from .callbacks import SampleVideoCallback, StepSleep
-    from .checkpointing import newest_complete_checkpoint
+    from .callbacks import SampleVideoCallback, StepProgressBar, StepSleep
+    from .checkpointing import list_complete_checkpoints, newest_complete_checkpoint
     from .scaleout import build_scaleout
     from .datamodule import ClipDataModule
     from .export import EXPORT_SUBDIR, export_run, init_component_files
@@ -177,9 +178,11 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         face_detector=_face_detector() if OmegaConf.select(cfg, "samples.face_det", default=False) else None,
         lpips_net=_lpips_net(lpips_weights) if (lpips_weights := OmegaConf.select(cfg, "samples.lpips_weights")) else None,
     )
-    logger = build_logger(cfg, run_dir)
+    resume_step = next((entry.step for entry in list_complete_checkpoints(scaleout.checkpoint_dir)
+                        if entry.path == scaleout.resume_from), 0)
+    logger = build_logger(cfg, run_dir, resume_step)
     telemetry = TrainingTelemetry(peak_tflops=OmegaConf.select(cfg, "telemetry.peak_tflops", default=None))
-    callbacks = [*scaleout.callbacks, samples, telemetry]
+    callbacks = [*scaleout.callbacks, samples, telemetry, StepProgressBar()]
     step_sleep_s = float(OmegaConf.select(cfg, "debug.step_sleep_s", default=0) or 0)
     if step_sleep_s > 0:
         callbacks.append(StepSleep(step_sleep_s))
@@ -219,8 +222,13 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         "preempted_at": scaleout.preemption.preempted_at_step,
         "requeued": scaleout.preemption.requeued,
     }
+    stopped_early = scaleout.preemption.preempted
+    if stopped_early and not scaleout.preemption.requeued:
+        # Nothing restarts this run by itself (a Ctrl-C, a signal outside SLURM): say how to.
+        outputs["resume_with"] = f"the same command with run.id={cfg.run.id}"
     if trainer.global_rank == 0:
-        print("\nxdyna-train " + ("preempted" if scaleout.preemption.preempted else "finished"))
+        state = "interrupted" if stopped_early and preemption_signals.interrupted else "preempted" if stopped_early else "finished"
+        print(f"\nxdyna-train {state}")
         for key, value in outputs.items():
             print(f"  {key:13s} {value}")
     return outputs
@@ -232,7 +240,7 @@ def _task(cfg) -> None:
     # First, before the heavy imports: from here on a preemption signal only sets a flag that
     # training acts on at its next step end (no default action killing the job, no submitit
     # handler requeueing it behind our back).
-    preemption_signals = PreemptionSignals()
+    preemption_signals = PreemptionSignals(interrupt=True)  # Ctrl-C saves the finished step too
     preemption_signals.install()
 
     from ..errors import XDynaUserError
@@ -250,6 +258,8 @@ def _task(cfg) -> None:
         if debug_enabled():
             raise
         raise user_error(str(error)) from None
+    if outputs["preempted_at"] is not None and preemption_signals.interrupted:
+        raise SystemExit(130)  # the shell's status for a Ctrl-C: scripts (make demo) stop here too
     if sweep_job and outputs["requeued"]:
         # submitit pickles whatever a job function returns as the job's result, and the sweeping
         # process takes a result as "job finished". A requeued job has not finished: leave
@@ -289,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         if message is None:
             raise
         raise user_error(message) from None
+    except KeyboardInterrupt:
+        # A Ctrl-C outside the training steps (loading, building): nothing to save, no traceback.
+        if debug_enabled():
+            raise
+        print("xdyna-train: interrupted (Ctrl-C) before a step could be saved", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

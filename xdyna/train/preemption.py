@@ -83,6 +83,8 @@ class PreemptionHandler(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning registers its SIGTERM handler between setup and training: take it back.
         self.signals.install()
+        # From now on a step is running or done: a Ctrl-C waits for it and saves it.
+        self.signals.deferring_interrupt = True
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._owns_signals:
@@ -108,9 +110,12 @@ class PreemptionHandler(L.Callback):
         self.checkpoint_path = save_step_checkpoint(trainer, self.checkpoint_dir)
         self.preempted_at_step = trainer.global_step
         job_id = slurm_job_id()
-        self.requeued = bool(self.requeue and job_id)
+        # A Ctrl-C is the user's stop: saved like a preemption, never requeued.
+        self.requeued = bool(self.requeue and job_id and not self.signals.interrupted)
         if trainer.is_global_zero:
-            if not self.requeued:
+            if self.signals.interrupted:
+                outcome = "stopped by the user (a second Ctrl-C stops at once)"
+            elif not self.requeued:
                 outcome = "not requeued (no SLURM job or requeue off)"
             elif requeue_slurm_job(job_id):
                 outcome = f"requeued SLURM job {job_id}"

@@ -1,6 +1,6 @@
 """Training telemetry, logged by rank 0 to every configured logger (W&B, CSV) and the progress bar.
 
-Per logging interval (``trainer.log_every_n_steps``):
+Per logging interval (``trainer.log_every_n_steps``) and at the last step (``trainer.max_steps``):
 
 - ``perf/samples_per_s``: samples of all ranks per wall second over the interval;
 - ``perf/data_wait_fraction``: share of that wall time rank 0 spent waiting for its next batch
@@ -107,7 +107,13 @@ class TrainingTelemetry(L.Callback):
             self._grad_norm = float(norm) if norm is not None else None
         step = trainer.global_step
         now = time.perf_counter()
-        if step % self._interval(trainer) == 0 and self._interval_start is not None:
+        last = 0 < trainer.max_steps <= step
+        if last:
+            # Lightning writes a step's logged values only every log_every_n_steps, or when
+            # should_stop is set: the run stops after this step anyway, and so its last step (all
+            # of a run shorter than the interval) gets its loss and telemetry row.
+            trainer.should_stop = True
+        if (step % self._interval(trainer) == 0 or last) and self._interval_start is not None:
             elapsed = max(now - self._interval_start, 1e-9)
             metrics = {
                 "perf/samples_per_s": self._samples / elapsed,
