@@ -7,7 +7,6 @@ was half-filled when the checkpoint was taken).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -17,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
-from datapipes import shards
-from datapipes.face import FaceFrame, SFaceGeometry, face_track_from_json, s_face_maps
+from datapipes import schema, shards
+from datapipes.face import FaceFrame, SFaceGeometry, s_face_maps
 from datapipes.plugins import import_object
-from datapipes.pose import draw_face_landmarks, keypoints_from_json, render_pose
+from datapipes.pose import draw_face_landmarks, render_pose
 from datapipes.video import VideoDecodeError, open_video, read_frames
 
 REFERENCE_MODES = ("outside", "inside", "any")
@@ -167,34 +166,75 @@ class ImportedFaceReenactor:
         return out
 
 
+@dataclass(frozen=True)
+class SampleDocuments:
+    """What the loader needs of a sample besides its videos, validated by :func:`check_sample`."""
+    meta: dict
+    pose: str | None                            # member the pose comes from; None for scene clips
+    keypoints: schema.PoseKeypoints | None      # with pose == pose.json
+    faces: schema.FaceTrack | None              # when the spec uses face.json and the sample has one
+
+
+def check_sample(key: str, members: Mapping[str, bytes], spec: ClipSpec) -> SampleDocuments:
+    """Every check the loader makes of a sample before decoding it: metadata
+    (:func:`datapipes.schema.sample_meta`), a video member, at least one clip span of frames, a
+    pose member for human clips (as ``spec.pose_from`` picks it), and the JSON members the spec
+    uses (``pose.json``, ``face.json``) matching the schema with one entry per frame. Raises
+    :class:`BadSample`. ``xdyna-data inspect`` runs this same function, so it rejects what the
+    loader would."""
+    try:
+        meta = schema.sample_meta(members.get(shards.META), key)
+        count = meta["num_frames"]
+        if shards.VIDEO not in members:
+            raise BadSample(key, "no .mp4 member")
+        if count < spec.span:
+            raise BadSample(key, f"too short: {count} frames < clip span {spec.span} "
+                                 f"(num_frames {spec.num_frames}, frame_stride {spec.frame_stride})")
+        if meta["kind"] == "scene":
+            return SampleDocuments(meta, None, None, None)
+        sources = {"auto": (shards.POSE_VIDEO, shards.POSE_KEYPOINTS), "video": (shards.POSE_VIDEO,),
+                   "keypoints": (shards.POSE_KEYPOINTS,)}[spec.pose_from]
+        pose = next((member for member in sources if member in members), None)
+        if pose is None:
+            raise BadSample(key, f"human clip has no {' or '.join(sources)} member (pose_from {spec.pose_from})")
+        keypoints = faces = None
+        if pose == shards.POSE_KEYPOINTS:
+            keypoints = schema.pose_keypoints(members[pose], f"{key}.{pose}", count)
+        if (spec.with_face or spec.face_landmarks_in_pose) and shards.FACE in members:
+            faces = schema.face_track(members[shards.FACE], f"{key}.{shards.FACE}", count)
+    except schema.SchemaError as error:
+        raise BadSample(key, str(error)) from None
+    return SampleDocuments(meta, pose, keypoints, faces)
+
+
+def check_video_facts(key: str, meta: dict, num_frames: int, size: tuple[int, int] | None = None) -> None:
+    """The video must have the frame count (and ``size``, height x width, once decoded) that its
+    metadata states: JSON members were checked against the stated count. Raises :class:`BadSample`."""
+    if num_frames != meta["num_frames"]:
+        raise BadSample(key, f"metadata says {meta['num_frames']} frames, the video has {num_frames}")
+    if size is not None and tuple(size) != (meta["height"], meta["width"]):
+        raise BadSample(key, f"metadata says {meta['height']}x{meta['width']}, the video is {size[0]}x{size[1]}")
+
+
 def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
               face_reenactor: FaceReenactor | None = None) -> tuple[int, dict]:
     """``(bucket index, sample dict)`` for one raw sample; raises :class:`BadSample`."""
     key = raw.key
-    try:
-        meta = json.loads(raw.members[shards.META])
-        kind = meta["kind"]
-    except KeyError as error:
-        raise BadSample(key, f"metadata lacks {error}") from None
-    except ValueError as error:
-        raise BadSample(key, f"metadata is not JSON ({error})") from None
-    if kind not in shards.KINDS:
-        raise BadSample(key, f"kind {kind!r} is not one of {shards.KINDS}")
-    if shards.VIDEO not in raw.members:
-        raise BadSample(key, "no .mp4 member")
+    documents = check_sample(key, raw.members, spec)
+    meta = documents.meta
     try:
         video = open_video(raw.members[shards.VIDEO], key, spec.decode_threads)
         count = len(video)
+        check_video_facts(key, meta, count)
         clip = sample_clip_indices(count, spec.num_frames, spec.frame_stride, rng)
-        if clip is None:
-            raise BadSample(key, f"too short: {count} frames < clip span {spec.span}")
         reference_index = sample_reference_index(count, clip, spec.reference, rng)
         wanted = np.unique(np.append(clip, reference_index))
         decoded = read_frames(video, wanted, key, raw.members[shards.VIDEO])
     except VideoDecodeError as error:
         raise BadSample(key, str(error)) from None
-    position = {int(index): row for row, index in enumerate(wanted)}
     source = decoded.shape[1:3]
+    check_video_facts(key, meta, count, source)
+    position = {int(index): row for row, index in enumerate(wanted)}
     bucket = choose_bucket(*source, spec.buckets)
     geometry = ResizeCrop.plan(source, spec.buckets[bucket], spec.crop, rng)
     # Samples travel from workers as uint8 (4x less inter-process traffic than float32);
@@ -206,29 +246,28 @@ def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
         "reference": geometry.frames(decoded[reference_row:reference_row + 1])[0],
         "frame_index": torch.from_numpy(clip.astype(np.int64)),
         "reference_index": torch.tensor(reference_index, dtype=torch.int64),
-        "is_scene": kind == "scene",
+        "is_scene": meta["kind"] == "scene",
         "__key__": key,
     }
     height, width = spec.buckets[bucket]
-    if kind == "scene":
+    if documents.pose is None:  # scene clip: blank conditions
         sample["pose"] = torch.zeros(spec.num_frames, 3, height, width, dtype=torch.uint8)
         if spec.with_face:
             sample["face"] = torch.zeros(spec.num_frames, 6, height, width, dtype=torch.uint8)
         return bucket, sample
-    sample["pose"] = _pose(raw, spec, clip, count, geometry)
+    sample["pose"] = _pose(raw, spec, documents, clip, count, geometry)
+    faces = _face_track(documents.faces, clip, geometry)
     if spec.face_landmarks_in_pose:
-        sample["pose"] = _with_face_landmarks(sample["pose"], _face_track(raw, key, clip, count, geometry))
+        sample["pose"] = _with_face_landmarks(sample["pose"], faces)
     if spec.with_face:
-        sample["face"] = _face(raw, key, clip, count, geometry, video_frames, face_reenactor, rng)
+        sample["face"] = _face(faces, video_frames, face_reenactor, rng)
     return bucket, sample
 
 
-def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
-          geometry: ResizeCrop) -> torch.Tensor:
+def _pose(raw: shards.RawSample, spec: ClipSpec, documents: SampleDocuments, clip: np.ndarray,
+          count: int, geometry: ResizeCrop) -> torch.Tensor:
     key = raw.key
-    use_video = shards.POSE_VIDEO in raw.members and spec.pose_from in ("auto", "video")
-    use_keypoints = shards.POSE_KEYPOINTS in raw.members and spec.pose_from in ("auto", "keypoints")
-    if use_video:
+    if documents.pose == shards.POSE_VIDEO:
         try:
             pose_video = open_video(raw.members[shards.POSE_VIDEO], f"{key}.pose.mp4", spec.decode_threads)
             if len(pose_video) != count:
@@ -237,43 +276,25 @@ def _pose(raw: shards.RawSample, spec: ClipSpec, clip: np.ndarray, count: int,
         except VideoDecodeError as error:
             raise BadSample(key, str(error)) from None
         return geometry.frames(pose)
-    if use_keypoints:
-        keypoints, (scale_x, scale_y, shift_x, shift_y) = _per_frame_document(
-            raw, shards.POSE_KEYPOINTS, keypoints_from_json, "pose", count, geometry)
-        height, width = geometry.target
-        rendered = []
-        for index in clip:
-            points = keypoints[index].copy()
-            points[:, 0] = points[:, 0] * scale_x + shift_x
-            points[:, 1] = points[:, 1] * scale_y + shift_y
-            rendered.append(render_pose(points, height, width, no_head=True))
-        return torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2)
-    wanted = {"auto": "pose.mp4 or pose.json", "video": "pose.mp4", "keypoints": "pose.json"}[spec.pose_from]
-    raise BadSample(key, f"human clip has no {wanted} member")
+    document = documents.keypoints
+    scale_x, scale_y, shift_x, shift_y = geometry.point_transform(document.height, document.width)
+    height, width = geometry.target
+    rendered = []
+    for index in clip:
+        points = document.keypoints[index].copy()
+        points[:, 0] = points[:, 0] * scale_x + shift_x
+        points[:, 1] = points[:, 1] * scale_y + shift_y
+        rendered.append(render_pose(points, height, width, no_head=True))
+    return torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2)
 
 
-def _per_frame_document(raw: shards.RawSample, member: str, parse: Callable, what: str, count: int,
-                        geometry: ResizeCrop) -> tuple[list, tuple[float, float, float, float]]:
-    """A per-frame JSON member (``pose.json`` keypoints, ``face.json`` track): its ``parse``d
-    entries, one per video frame, and the transform from its pixels to the output's."""
-    try:
-        document = json.loads(raw.members[member])
-        entries = parse(document, f"{raw.key}.{member}")
-        source_height, source_width = int(document["height"]), int(document["width"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise BadSample(raw.key, str(error)) from None
-    if len(entries) != count:
-        raise BadSample(raw.key, f"{what}/video frame-count mismatch: {what} {len(entries)}, video {count}")
-    return entries, geometry.point_transform(source_height, source_width)
-
-
-def _face_track(raw: shards.RawSample, key: str, clip: np.ndarray, count: int,
+def _face_track(track: schema.FaceTrack | None, clip: np.ndarray,
                 geometry: ResizeCrop) -> list[FaceFrame | None]:
-    """The clip's faces from ``face.json`` in output pixels; ``None`` where a frame has none."""
-    if shards.FACE not in raw.members:
+    """The clip's faces in output pixels; ``None`` where a frame has none (or there is no track)."""
+    if track is None:
         return [None] * len(clip)
-    track, transform = _per_frame_document(raw, shards.FACE, face_track_from_json, "face", count, geometry)
-    return [None if track[i] is None else track[i].transformed(*transform) for i in clip]
+    transform = geometry.point_transform(track.height, track.width)
+    return [None if track.faces[i] is None else track.faces[i].transformed(*transform) for i in clip]
 
 
 def _with_face_landmarks(pose: torch.Tensor, faces: list[FaceFrame | None]) -> torch.Tensor:
@@ -282,10 +303,8 @@ def _with_face_landmarks(pose: torch.Tensor, faces: list[FaceFrame | None]) -> t
     return torch.from_numpy(np.stack(drawn)).permute(0, 3, 1, 2)
 
 
-def _face(raw: shards.RawSample, key: str, clip: np.ndarray, count: int, geometry: ResizeCrop,
-          video_frames: torch.Tensor, face_reenactor: FaceReenactor | None,
-          rng: np.random.Generator) -> torch.Tensor:
-    faces = _face_track(raw, key, clip, count, geometry)
+def _face(faces: list[FaceFrame | None], video_frames: torch.Tensor,
+          face_reenactor: FaceReenactor | None, rng: np.random.Generator) -> torch.Tensor:
     frames01 = video_frames.float() / 255.0
     if face_reenactor is not None and any(face is not None for face in faces):
         frames01 = face_reenactor(frames01, faces, rng)

@@ -99,26 +99,13 @@ def face_track_to_json(faces: list[FaceFrame | None], height: int, width: int,
             "detector": detector, "height": int(height), "width": int(width), "frames": frames}
 
 
-def face_track_from_json(document: dict, name: str = "<face.json>") -> list[FaceFrame | None]:
-    """Per-frame faces from a ``face.json`` member; ``ValueError`` naming ``name`` if malformed."""
-    try:
-        if document.get("format") != TRACK_FORMAT:
-            raise ValueError(f"format {document.get('format')!r} is not {TRACK_FORMAT!r}")
-        faces = []
-        for entry in document["frames"]:
-            if entry is None:
-                faces.append(None)
-                continue
-            points = np.asarray(entry["points"], dtype=np.float64)
-            if points.ndim != 2 or points.shape[1] != 2 or len(points) not in FORMATS.values():
-                raise ValueError(f"landmarks of shape {points.shape}, want (68, 2) or (5, 2)")
-            box = tuple(float(v) for v in entry["box"])
-            if len(box) != 4:
-                raise ValueError(f"box {box} is not (x0, y0, x1, y1)")
-            faces.append(FaceFrame(box, points, float(entry.get("score", 1.0))))
-        return faces
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{name}: face track unreadable ({error})") from None
+def face_track_from_json(document, name: str = "<face.json>") -> list[FaceFrame | None]:
+    """Per-frame faces from a ``face.json`` member (bytes or parsed); a
+    :class:`~datapipes.schema.SchemaError` (a ``ValueError``) naming ``name`` and the field if it
+    does not match the schema (:func:`datapipes.schema.face_track`, which needs ``height``/``width``)."""
+    from datapipes.schema import face_track  # the schema builds FaceFrames: imported late
+
+    return face_track(document, name).faces
 
 
 def _box_mask(boxes, height: int, width: int) -> torch.Tensor:

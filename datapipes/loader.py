@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datapipes import shards
+from datapipes import schema, shards
 from datapipes.batch_buffers import ReleaseBoard, WorkerBuffers
 from datapipes.clips import (CROP_MODES, POSE_SOURCES, REFERENCE_MODES, BadSample, ClipSpec,
                              ImportedFaceReenactor, collate, images_nbytes, load_clip,
@@ -293,9 +293,10 @@ class _WorkerStream:
         misses = 0
         while not queue:
             sample = source.next()
-            sample_kind = sample.meta().get("kind") if shards.META in sample.members else None
-            if sample_kind not in shards.KINDS:
-                return sample  # let load_clip report it as bad
+            try:
+                sample_kind = sample.meta()["kind"]
+            except schema.SchemaError:
+                return sample  # let load_clip report it as bad (skipped and counted)
             other = self.queues[sample_kind]
             if sample_kind == kind:
                 return sample

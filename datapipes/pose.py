@@ -114,13 +114,19 @@ def keypoints_to_json(keypoints: np.ndarray, height: int, width: int) -> dict:
             "keypoints": np.round(keypoints, 2).tolist()}
 
 
-def keypoints_from_json(document: dict, name: str = "<pose.json>") -> np.ndarray:
-    """``float (T, K, 3)`` keypoints from a ``pose.json`` member; a clear error when malformed."""
-    try:
-        keypoints = np.asarray(document["keypoints"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{name}: pose keypoints unreadable ({error})") from None
-    if keypoints.ndim != 3 or keypoints.shape[2] != 3 or keypoints.shape[1] not in (
-            BODY_POINTS, BODY_POINTS + 2 * HAND_POINTS):
-        raise ValueError(f"{name}: pose keypoints must be (T, 18 or 60, 3), got {keypoints.shape}")
-    return keypoints
+def keypoints_from_json(document, name: str = "<pose.json>") -> np.ndarray:
+    """``float (T, K, 3)`` keypoints from a ``pose.json`` member (bytes or parsed); a
+    :class:`~datapipes.schema.SchemaError` (a ``ValueError``) naming ``name`` and the field if it
+    does not match the schema (:func:`datapipes.schema.pose_keypoints`)."""
+    from datapipes.schema import pose_keypoints  # the schema uses this module's constants: imported late
+
+    return pose_keypoints(document, name).keypoints
+
+
+def person_frames(keypoints: np.ndarray, min_confidence: float = MIN_CONFIDENCE) -> np.ndarray:
+    """bool (T,): frames of ``(T, K, 3)`` keypoints in which :func:`render_pose` (no head) draws
+    anything, i.e. a person was detected; the others render all black."""
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    seen = keypoints[:, :, 2] >= min_confidence
+    seen[:, list(HEAD_POINTS)] = False
+    return seen.any(axis=1)

@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 import braceexpand
 import webdataset
 
+from datapipes import schema
+
 # Member names inside a sample (the part after the key's dot).
 VIDEO = "mp4"
 POSE_VIDEO = "pose.mp4"
@@ -28,7 +30,7 @@ POSE_KEYPOINTS = "pose.json"
 FACE = "face.json"
 META = "json"
 MEMBERS = (VIDEO, POSE_VIDEO, POSE_KEYPOINTS, FACE, META)
-KINDS = ("human", "scene")
+KINDS = schema.KINDS
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
@@ -107,24 +109,24 @@ def brace_pattern(urls: Sequence[str]) -> str:
 
 def make_sample(key: str, video: bytes, meta: dict, pose_video: bytes | None = None,
                 face: dict | None = None, pose_keypoints: dict | None = None) -> dict:
-    """One shard sample as the member dict ``ShardWriter`` takes (all values bytes)."""
-    missing = {"fps", "num_frames", "height", "width", "kind", "source", "license"} - set(meta)
-    if missing:
-        raise ValueError(f"sample {key!r}: metadata lacks {sorted(missing)}")
-    if meta["kind"] not in KINDS:
-        raise ValueError(f"sample {key!r}: kind {meta['kind']!r} is not one of {KINDS}")
-    sample = {"__key__": check_key(key), VIDEO: bytes(video), META: _json_bytes(meta)}
+    """One shard sample as the member dict ``ShardWriter`` takes (all values bytes); every
+    JSON member must match :mod:`datapipes.schema` (a ``SchemaError`` names the field)."""
+    meta = schema.sample_meta(meta, check_key(key))
+    sample = {"__key__": key, VIDEO: bytes(video), META: _json_bytes(meta)}
     if pose_video is not None:
         sample[POSE_VIDEO] = bytes(pose_video)
     if pose_keypoints is not None:
+        schema.pose_keypoints(pose_keypoints, f"{key}.{POSE_KEYPOINTS}", meta["num_frames"])
         sample[POSE_KEYPOINTS] = _json_bytes(pose_keypoints)
     if face is not None:
+        schema.face_track(face, f"{key}.{FACE}", meta["num_frames"])
         sample[FACE] = _json_bytes(face)
     return sample
 
 
 def _json_bytes(value: dict) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    # allow_nan=False: NaN/Infinity are not JSON; the schema has rejected them already.
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
 
 
 class ShardSink:
@@ -166,7 +168,9 @@ class RawSample:
     offset: int
 
     def meta(self) -> dict:
-        return json.loads(self.members[META]) if META in self.members else {}
+        """The validated metadata; a :class:`~datapipes.schema.SchemaError` if it is missing
+        or does not match the schema."""
+        return schema.sample_meta(self.members.get(META), self.key)
 
 
 class TarFormatError(ValueError):

@@ -175,12 +175,15 @@ def _bad_sample_shards(directory, height=64, width=32):
     mismatch = dict(synthetic_sample("human", 13, 7, 12, height, width), __key__="pose-mismatch")
     mismatch["pose.mp4"] = synthetic_sample("human", 14, 7, 9, height, width)["pose.mp4"]
     short = dict(synthetic_sample("human", 15, 7, 3, height, width), __key__="too-short")
-    bad = [truncated, zero, text, mismatch, short]
+    meta_list = dict(synthetic_sample("human", 16, 7, 12, height, width), __key__="meta-list", json=b"[1, 2]")
+    meta_text = dict(synthetic_sample("scene", 17, 7, 12, height, width), __key__="meta-text", json=b"fps=8")
+    bad = [truncated, zero, text, mismatch, short, meta_list, meta_text]
     with shards.ShardSink(str(directory), "mixed", max_count=3) as sink:
         for sample in good[:2] + bad + good[2:]:
             sink.write(sample)
     return {"truncated": "cannot decode", "zero-bytes": "zero bytes", "not-a-video": "cannot decode",
-            "pose-mismatch": "frame-count mismatch", "too-short": "too short"}
+            "pose-mismatch": "frame-count mismatch", "too-short": "too short",
+            "meta-list": "meta-list.json: metadata must be a JSON object", "meta-text": "meta-text.json: not JSON"}
 
 
 def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
@@ -190,7 +193,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="datapipes.loader"):
         keys = [key for batch in loader for key in batch["__key__"]]
     assert sorted(keys) == [f"human-{i:06d}" for i in range(4)]
-    assert loader.stats()["bad_samples"] == 5 and loader.stats()["samples_drawn"] == 9
+    assert loader.stats()["bad_samples"] == 7 and loader.stats()["samples_drawn"] == 11
     assert dict((k, r.split(":")[0]) for k, r in loader.recent_bad).keys() == reasons.keys()
     for key, reason in loader.recent_bad:
         assert reasons[key] in reason, (key, reason)
@@ -198,12 +201,12 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
 
 
 def test_bad_sample_ceiling_stops_with_a_clear_error(tmp_path):
-    _bad_sample_shards(tmp_path / "mixed")
+    reasons = _bad_sample_shards(tmp_path / "mixed")
     loader = build_clip_loader(loader_config(str(tmp_path / "mixed"), resample=False, max_bad_fraction=0.2,
                                              bad_fraction_min_samples=5), 0, 1)
     with pytest.raises(BadSampleCeilingError, match="max_bad_fraction") as info:
         list(loader)
-    assert "truncated" in str(info.value) or "zero-bytes" in str(info.value)
+    assert any(f"{key}: " in str(info.value) for key in reasons)
 
 
 def test_configured_face_reenactor_builds_in_workers_and_only_changes_the_face_maps(portrait_shards):
