@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from datapipes import shards
+from datapipes import schema, shards
 from datapipes.validate import Rejected, Rules, validate_members
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -100,21 +100,13 @@ def items_from_manifest(manifest: str) -> list[PackItem]:
     if not os.path.isfile(manifest):
         raise FileNotFoundError(f"manifest {manifest!r} does not exist")
     base = os.path.dirname(os.path.abspath(manifest))
-    known = set(PackItem.__dataclass_fields__)
     items = []
-    with open(manifest) as lines:
+    with open(manifest, "rb") as lines:  # bytes: the schema reports bad UTF-8 naming the line
         for number, line in enumerate(lines, 1):
-            if not line.strip():
+            entry = schema.manifest_entry(line, f"{manifest}:{number}")  # SchemaError names the line and field
+            if entry is None:  # a blank line
                 continue
-            try:
-                entry = json.loads(line)
-            except ValueError as error:
-                raise ValueError(f"{manifest}:{number}: not JSON ({error})") from None
-            unknown = set(entry) - known
-            if "video" not in entry or unknown:
-                raise ValueError(f"{manifest}:{number}: needs 'video'" +
-                                 (f", unknown fields {sorted(unknown)}" if unknown else ""))
-            for name in ("video", "pose_video", "keypoints", "face"):
+            for name in schema.MANIFEST_PATHS:
                 if entry.get(name):
                     entry[name] = os.path.join(base, entry[name])
             entry.setdefault("source", entry["video"])
@@ -164,7 +156,8 @@ def prepare_sample(item: PackItem, options: PackOptions) -> dict:
         track = detect_face_track(members[shards.VIDEO], key, detector=options.face_detector,
                                   landmarks_model=options.face_landmarks_model)
         members[shards.FACE] = json.dumps(track, separators=(",", ":")).encode()
-    meta = dict(facts, kind=item.kind, source=item.source or item.video, license=item.license)
+    meta = schema.sample_meta(dict(facts, kind=item.kind, source=item.source or item.video,
+                                   license=item.license), key)  # the loader's rule, checked before writing
     return {"__key__": key, **members, shards.META: json.dumps(meta, sort_keys=True).encode()}
 
 

@@ -45,10 +45,22 @@ def _pack(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from datapipes.inspection import inspect_shards
+    from datapipes.clips import ClipSpec
+    from datapipes.inspection import InspectOptions, inspect_shards
+    from datapipes.loader import ClipLoaderConfig
 
-    report = inspect_shards(args.shards, verify=args.verify, workers=args.workers,
-                            progress=sys.stderr.isatty())
+    defaults = ClipLoaderConfig()  # unset: the data config's defaults
+    num_frames = defaults.num_frames if args.num_frames is None else args.num_frames
+    frame_stride = defaults.frame_stride if args.frame_stride is None else args.frame_stride
+    if num_frames < 1 or frame_stride < 1:
+        raise ValueError("--num-frames and --frame-stride must be >= 1")
+    if not 0 <= args.min_coverage <= 1:
+        raise ValueError(f"--min-coverage must be in [0, 1], got {args.min_coverage}")
+    # The loader's clip; face tracks are always checked (with_face), whatever the training uses.
+    clip = ClipSpec(num_frames, frame_stride, ((1, 1),), with_face=True, pose_from=args.pose_from)
+    report = inspect_shards(args.shards, InspectOptions(clip, args.verify, args.min_coverage),
+                            workers=args.workers, progress=sys.stderr.isatty())
+    report.every_clip = args.clips
     print(json.dumps(report.as_dict(), indent=1) if args.json else report)
     return 1 if report.failures else 0
 
@@ -105,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", choices=("none",) + VERIFY_LEVELS, default="ends")
     inspect.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--num-frames", type=int, default=None,
+                         help="the loader's data.num_frames: clips shorter than its span fail (default: data config's)")
+    inspect.add_argument("--frame-stride", type=int, default=None,
+                         help="the loader's data.frame_stride (default: data config's)")
+    inspect.add_argument("--pose-from", choices=("auto", "video", "keypoints"), default="auto",
+                         help="the loader's data.pose_from: which pose member a human clip must have")
+    inspect.add_argument("--min-coverage", type=float, default=0.5,
+                         help="flag human clips with a face or a person in fewer than this fraction of frames")
+    inspect.add_argument("--clips", action="store_true", help="list every human clip's face and person coverage")
     inspect.set_defaults(run=_inspect)
     return parser
 
