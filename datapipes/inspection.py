@@ -100,10 +100,10 @@ class InspectReport(ShardReport):
                  "resolutions (HxW): " + ", ".join(f"{r} x{n}" for r, n in self.resolutions.most_common()),
                  "members: " + ", ".join(f"{m} x{n}" for m, n in sorted(self.members.items()))]
         lines += self._coverage_lines()
-        failed = len({key for _, key, _ in self.failures})
+        failed = len({key for _, key, _ in self.failures if key != "-"})  # "-": a shard-level problem
         if self.failures:
-            lines.append(f"FAILED: {len(self.failures)} problem(s) in {failed} of {self.samples} sample(s); "
-                         "the loader would skip these:")
+            lines.append(f"FAILED: {len(self.failures)} problem(s); the loader would skip {failed} of "
+                         f"{self.samples} sample(s):")
             lines += [f"  {key} ({url}): {reason}" for url, key, reason in self.failures]
         else:
             lines.append("every sample passes the loader's checks")

@@ -127,7 +127,7 @@ def test_inspect_fails_with_one_line_per_sample_the_loader_skips(tmp_path, capsy
     expected = _inspect_corpus(tmp_path / "mixed")
     assert main(["inspect", str(tmp_path / "mixed"), "--workers", "1", "--num-frames", "4"]) == 1
     out = capsys.readouterr().out
-    assert f"FAILED: {len(expected)} problem(s) in {len(expected)} of {len(expected) + 2} sample(s)" in out
+    assert f"FAILED: {len(expected)} problem(s); the loader would skip {len(expected)} of {len(expected) + 2} sample(s):" in out
     lines = [line for line in out.splitlines() if line.startswith("  ")]
     for key, fragment in expected.items():
         (line,) = [line for line in lines if line.startswith(f"  {key} (")]
