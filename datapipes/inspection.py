@@ -198,6 +198,8 @@ def inspect_shard(url: str, options: InspectOptions = InspectOptions()) -> Shard
                 report.coverage.append(coverage)
     except shards.TarFormatError as error:
         report.fail(url, "-", error)
+    except OSError as error:  # e.g. permission denied: a failure of this shard, not a crash
+        report.fail(url, "-", f"cannot read the shard ({error.strerror or error})")
     finally:
         reader.close()
     return report

@@ -194,3 +194,15 @@ def test_inspect_reports_face_and_person_coverage_per_clip_and_flags_low_ones(tm
     out = capsys.readouterr().out
     assert "  black-pose: face 6/6 (100%), person - (from pose.mp4)" in out
     assert "  sparse: face 2/6 (33%), person 3/6 (50%) (from pose.json)" in out
+
+
+def test_inspect_reports_an_unreadable_shard_instead_of_crashing(tmp_path, capsys, monkeypatch, portrait_shards):
+    from tools.xdyna_data import main
+
+    def denied(self, url, offset):
+        raise PermissionError(13, "Permission denied", url)
+
+    monkeypatch.setattr(shards._ShardCursor, "__init__", denied)
+    assert main(["inspect", portrait_shards, "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "cannot read the shard (Permission denied)" in out and "the shard set holds no samples" in out
