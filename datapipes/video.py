@@ -1,11 +1,13 @@
 """Video bytes in and out: H.264 encoding with PyAV, frame decoding with decord from memory.
 
-Shards hold whole mp4 files as bytes, so everything here works on ``bytes`` and never on paths;
-decoding goes through ``io.BytesIO`` and decord, which only reads the needed frames.
+Shards hold whole mp4 files as bytes, so everything here works on ``bytes``; decoding goes
+through ``io.BytesIO`` and decord, which only reads the needed frames. ``pack`` also opens local
+paths, so that a file it rejects is never read into memory as a whole.
 """
 from __future__ import annotations
 
 import io
+import os
 from fractions import Fraction
 from typing import NamedTuple, Sequence
 
@@ -59,31 +61,43 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str = "
     return buffer.getvalue()
 
 
-def open_video(mp4_bytes: bytes, name: str = "<bytes>", num_threads: int = 1) -> decord.VideoReader:
-    """A decord reader over in-memory bytes; raises :class:`VideoDecodeError` naming ``name``.
+Source = bytes | bytearray | memoryview | str | os.PathLike
+
+
+def open_video(source: Source, name: str = "<bytes>", num_threads: int = 1) -> decord.VideoReader:
+    """A decord reader over in-memory bytes (or a local file path); raises
+    :class:`VideoDecodeError` naming ``name``.
 
     Create readers inside DataLoader workers (decord state must not cross a fork).
     ``num_threads=1`` because loader parallelism comes from workers, not decoder threads.
     """
-    if not isinstance(mp4_bytes, (bytes, bytearray, memoryview)):
-        raise VideoDecodeError(name, f"expected bytes, got {type(mp4_bytes).__name__}")
-    if len(mp4_bytes) == 0:
-        raise VideoDecodeError(name, "zero bytes")
+    if isinstance(source, (str, os.PathLike)):
+        # decord streams a path through FFmpeg's file I/O: nothing beyond what it decodes is read.
+        uri = os.fspath(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise VideoDecodeError(name, "zero bytes")
+        uri = io.BytesIO(bytes(source))
+    else:
+        raise VideoDecodeError(name, f"expected bytes or a path, got {type(source).__name__}")
     try:
-        reader = decord.VideoReader(io.BytesIO(bytes(mp4_bytes)), num_threads=num_threads)
+        reader = decord.VideoReader(uri, num_threads=num_threads)
+        count = len(reader)
     except Exception as error:  # decord raises DECORDError/RuntimeError with C++ text
         raise VideoDecodeError(name, _first_line(error)) from None
-    if len(reader) == 0:
+    if count == 0:
         raise VideoDecodeError(name, "no frames")
     return reader
 
 
 def read_frames(reader: decord.VideoReader, indices: Sequence[int], name: str = "<bytes>",
-                source: bytes | None = None) -> np.ndarray:
-    """Frames ``indices`` of an open reader as ``uint8 (len, H, W, 3)``.
+                source: Source | None = None) -> np.ndarray:
+    """Frames ``indices`` of an open reader as ``uint8 (len, H, W, 3)``; any decoder error
+    (decord's threaded decoder raises them at whichever frame it meets them) is a
+    :class:`VideoDecodeError`.
 
     decord 0.6 cannot copy out frames of some widths (e.g. 16 or 48 px: its row padding makes
-    the array size check fail); given the ``source`` bytes, those are decoded with PyAV instead.
+    the array size check fail); given the ``source`` bytes (or path), those are decoded with PyAV instead.
     """
     indices = [int(i) for i in indices]
     count = len(reader)
@@ -101,10 +115,11 @@ def read_frames(reader: decord.VideoReader, indices: Sequence[int], name: str = 
     return frames
 
 
-def _decode_with_pyav(mp4_bytes: bytes, indices: list[int], name: str) -> np.ndarray:
+def _decode_with_pyav(source: Source, indices: list[int], name: str) -> np.ndarray:
     wanted, last, found = set(indices), max(indices), {}
+    file = os.fspath(source) if isinstance(source, (str, os.PathLike)) else io.BytesIO(bytes(source))
     try:
-        with av.open(io.BytesIO(bytes(mp4_bytes))) as container:
+        with av.open(file) as container:
             for index, frame in enumerate(container.decode(video=0)):
                 if index in wanted:
                     found[index] = frame.to_ndarray(format="rgb24")
@@ -126,15 +141,19 @@ def decode_frames(mp4_bytes: bytes, indices: Sequence[int], name: str = "<bytes>
 def probe(mp4_bytes: bytes, name: str = "<bytes>") -> VideoInfo:
     """``(num_frames, fps, height, width)`` of an mp4 held in memory."""
     reader = open_video(mp4_bytes, name)
-    return info_of(reader)
+    return info_of(reader, name)
 
 
-def info_of(reader: decord.VideoReader) -> VideoInfo:
+def info_of(reader: decord.VideoReader, name: str = "<bytes>") -> VideoInfo:
     """Frame count, fps and size of an open reader (decodes the first frame for its size,
-    which also proves the stream decodes)."""
-    first = reader[0]
-    reader.seek(0)
-    return VideoInfo(len(reader), float(reader.get_avg_fps()), int(first.shape[0]), int(first.shape[1]))
+    which also proves the stream decodes). The fps is the header's and may be NaN or 0 for a
+    header without a duration: callers that store it check it (``datapipes.validate``)."""
+    try:
+        first = reader[0]
+        reader.seek(0)
+        return VideoInfo(len(reader), float(reader.get_avg_fps()), int(first.shape[0]), int(first.shape[1]))
+    except Exception as error:  # decord's DECORDError from its threaded decoder
+        raise VideoDecodeError(name, _first_line(error)) from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -35,9 +35,11 @@ def _pack(args: argparse.Namespace) -> int:
                           face_detector=args.face_detector, face_landmarks_model=args.face_landmarks_model,
                           require_pose=not args.allow_missing_pose,
                           pose_estimator=args.pose_estimator, pose_model=args.pose_model,
-                          pose_detector_model=args.pose_detector_model)
+                          pose_detector_model=args.pose_detector_model,
+                          max_video_bytes=int(args.max_video_mib * 2**20), max_json_bytes=int(args.max_json_mib * 2**20),
+                          item_timeout=args.item_timeout or None)
     summary = pack(items, args.out, options, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-                   workers=args.workers, prefix=args.prefix, progress=sys.stderr.isatty())
+                   workers=args.workers, prefix=args.prefix, progress=True, log_every=args.log_every)
     print(summary)
     return 0 if summary.accepted else 1
 
@@ -90,14 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
     pack.add_argument("--shard-bytes", type=float, default=1e9, help="max bytes per shard")
     pack.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar")
-    pack.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    pack.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                      help="worker processes (started fresh, one input at a time each); 0: in this process, "
+                           "without the protection against crashing or hanging decoders")
     pack.add_argument("--min-frames", type=int, default=16)
     pack.add_argument("--min-height", type=int, default=64)
     pack.add_argument("--min-width", type=int, default=64)
     pack.add_argument("--verify", choices=VERIFY_LEVELS, default="ends",
                       help="decode check: open, ends (first/middle/last frame) or full")
-    pack.add_argument("--face-detector", choices=("mtcnn",), default=None,
-                      help="compute face tracks (facenet-pytorch MTCNN) for human clips without one")
+    pack.add_argument("--face-detector", default=None, metavar="mtcnn|MODULE:FACTORY",
+                      help="compute face tracks for human clips without one: mtcnn (facenet-pytorch), or "
+                           "'package.module:factory' returning a datapipes.facetrack.LandmarkModel")
     pack.add_argument("--face-landmarks-model", default=None, metavar="PATH",
                       help="local 68-point landmark .onnx run on the detector's faces (iBUG 68 points in "
                            "face.json instead of MTCNN's 5; docs/data.md lists the accepted model shapes)")
@@ -110,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "dwpose; without it the whole frame is the person box")
     pack.add_argument("--allow-missing-pose", action="store_true",
                       help="accept human clips without pose video or keypoints")
+    pack.add_argument("--max-video-mib", type=float, default=4096,
+                      help="reject larger video files before reading them")
+    pack.add_argument("--max-json-mib", type=float, default=256,
+                      help="reject larger keypoint / face-track files before reading them")
+    pack.add_argument("--item-timeout", type=float, default=3600, metavar="SECONDS",
+                      help="reject an input whose worker takes longer (0: no limit)")
+    pack.add_argument("--log-every", type=float, default=30, metavar="SECONDS",
+                      help="when stderr is no terminal (a log file, a SLURM job), a progress line this often")
     pack.set_defaults(run=_pack)
 
     inspect = commands.add_parser("inspect", help="count and verify the samples of a shard set")
@@ -134,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+    except KeyboardInterrupt as interrupt:  # datapipes.pack.PackInterrupted too (Ctrl-C, SIGTERM)
+        signum = getattr(interrupt, "signum", 2)
+        print(f"xdyna-data {args.command}: {interrupt or 'interrupted'}; workers stopped, no partial shard "
+              f"published", file=sys.stderr)
+        return 128 + signum
+    except (OSError, ValueError, ImportError, RuntimeError) as error:
+        if os.environ.get("XDYNA_DEBUG"):
+            raise
         print(f"xdyna-data {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -115,3 +115,14 @@ def test_pack_from_manifest_names_bad_lines(tmp_path, capsys):
     manifest.write_text('{"video": "a.mp4"}\n{"vid": "b.mp4"}\n')
     assert main(["pack", str(manifest), "--out", str(tmp_path / "o")]) == 2
     assert "list.jsonl:2" in capsys.readouterr().err
+
+
+def test_pack_names_a_bad_face_detector_in_one_line(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"")
+    for detector, fragment in (("retina", "unknown face detector 'retina'"),
+                               ("datapipes.nothing:here", "cannot import 'datapipes.nothing'")):
+        assert main(["pack", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--face-detector", detector]) == 2
+        error = capsys.readouterr().err
+        assert fragment in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
