@@ -20,6 +20,19 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 # the X-Dyna release normalise the UNet's ResNets over all frames; diffusers' motion modules
 # normalise over all frames while the original AnimateDiff code normalises them per frame).
 GROUPNORM_STATISTICS = ("per_frame", "across_frames")
+# ``auto`` (the default of both modes) resolves in ModelConfig, the one place that decides: the
+# release's modes when a released X-Dyna UNet is loaded into the Dynamics-Adapter model (its
+# checkpoints reproduce the release only with them, and no other variant can take that file),
+# else ours, whose per-frame ResNet statistics let the reference features be computed once per
+# denoising step and shared by every context window.
+AUTO = "auto"
+RELEASE_GROUPNORM = {"resnet_groupnorm": "across_frames", "motion_groupnorm": "per_frame"}
+DEFAULT_GROUPNORM = {"resnet_groupnorm": "per_frame", "motion_groupnorm": "across_frames"}
+# How the reference becomes the image encoder's square input: ``center_crop`` is what the X-Dyna
+# release feeds it (CLIPImageProcessor() with its defaults: shortest side to the encoder's size,
+# PIL bicubic, centre crop); ``squash`` resizes the whole image to the square (keeps the top and
+# bottom of a portrait reference, distorts it).
+IMAGE_PROMPT_RESIZE = ("center_crop", "squash")
 
 
 @dataclass
@@ -54,8 +67,12 @@ class ModelConfig:
     image_prompt: bool = False  # IP-Adapter-plus tokens in every cross-attention (X-Dyna: on)
     image_prompt_scale: float = 1.0
     image_prompt_dropout: float = 0.05  # P(blank image prompt) per training sample, for CFG
-    resnet_groupnorm: str = "per_frame"  # across_frames = AnimateDiff v1 / X-Dyna release
-    motion_groupnorm: str = "across_frames"  # diffusers' layout; per_frame = original AnimateDiff code
+    image_prompt_resize: str = "center_crop"  # see IMAGE_PROMPT_RESIZE
+    resnet_groupnorm: str = AUTO  # auto, per_frame or across_frames (AnimateDiff v1 / X-Dyna release)
+    motion_groupnorm: str = AUTO  # auto, across_frames (diffusers' layout) or per_frame (original AnimateDiff)
+    # Groups of the motion modules' GroupNorm; None: the MotionAdapter folder's
+    # motion_norm_num_groups, else the flavour's (32 at sd15, as AnimateDiff and the release).
+    motion_norm_groups: int | None = None
     attention_backend: str = "sdpa"
     max_attention_batch: int = 65535
     gradient_checkpointing: bool = False
@@ -86,6 +103,32 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.pretrained, Mapping):
             self.pretrained = PretrainedPaths(**self.pretrained)
+        self.resolve_groupnorm()
+
+    @property
+    def loads_release_unet(self) -> bool:
+        """Whether a released X-Dyna UNet is loaded into the model it was made for."""
+        return self.pretrained.xdyna_unet is not None and self.reference == "dynamics_adapter"
+
+    def resolve_groupnorm(self) -> None:
+        """Replace ``auto`` GroupNorm modes by concrete ones (see ``AUTO``); concrete modes, set by
+        the user or resolved before, stay as they are. Runs on construction, so ``asdict`` (what
+        exports and pipeline folders record) always holds the modes the model was built with."""
+        modes = RELEASE_GROUPNORM if self.loads_release_unet else DEFAULT_GROUPNORM
+        for key, mode in modes.items():
+            if getattr(self, key) in (AUTO, None):  # null reads as auto
+                setattr(self, key, mode)
+
+    def groupnorm_modes(self) -> dict[str, str]:
+        return {key: getattr(self, key) for key in RELEASE_GROUPNORM}
+
+    def release_groupnorm_differences(self) -> list[str]:
+        """``key=ours (release: theirs)`` for each GroupNorm mode that keeps a loaded released
+        X-Dyna UNet from reproducing the release (empty when none is loaded, or the modes agree)."""
+        if not self.loads_release_unet:
+            return []
+        return [f"model.{key}={getattr(self, key)} (release: {mode})" for key, mode in RELEASE_GROUPNORM.items()
+                if getattr(self, key) != mode]
 
     @property
     def reference_component(self) -> str:
@@ -95,6 +138,8 @@ class ModelConfig:
         ]
 
     def validate(self) -> None:
+        self.resolve_groupnorm()  # a mode set to auto after construction
+
         def choose(key: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
                 raise ConfigError(f"model.{key}={value!r}; choose one of {options}")
@@ -102,8 +147,12 @@ class ModelConfig:
         choose("reference", self.reference, REFERENCE_VARIANTS)
         choose("face", self.face, FACE_VARIANTS)
         choose("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        choose("resnet_groupnorm", self.resnet_groupnorm, GROUPNORM_STATISTICS)
-        choose("motion_groupnorm", self.motion_groupnorm, GROUPNORM_STATISTICS)
+        choose("resnet_groupnorm", self.resnet_groupnorm, (AUTO, *GROUPNORM_STATISTICS))
+        choose("motion_groupnorm", self.motion_groupnorm, (AUTO, *GROUPNORM_STATISTICS))
+        choose("image_prompt_resize", self.image_prompt_resize, IMAGE_PROMPT_RESIZE)
+        if self.motion_norm_groups is not None and (isinstance(self.motion_norm_groups, bool) or not isinstance(self.motion_norm_groups, int)
+                                                    or self.motion_norm_groups < 1):
+            raise ConfigError(f"model.motion_norm_groups={self.motion_norm_groups!r}; expected a positive integer or null")
         if self.reference == "ip_adapter" and not self.image_prompt:
             raise ConfigError("model.reference=ip_adapter needs model.image_prompt=true (the image prompt is the only reference path)")
         if not 0.0 <= self.image_prompt_dropout < 1.0:

@@ -147,6 +147,23 @@ class LayoutPreservingCheckpoint:
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
+def set_motion_norm_groups(unet: nn.Module, groups: int) -> int:
+    """Give every motion module's input GroupNorm ``groups`` groups; returns how many it changed.
+
+    diffusers' ``UNetMotionModel.from_unet2d`` (0.42) builds the motion modules with the ResNets'
+    group count and ignores the MotionAdapter's ``motion_norm_num_groups``; the weights (one per
+    channel) do not depend on the count, only the statistics do.
+    """
+    count = 0
+    for name, module in unet.named_modules():
+        if isinstance(module, AnimateDiffTransformer3D):
+            if module.norm.num_channels % groups:
+                raise ValueError(f"{name}.norm: {module.norm.num_channels} channels do not split into {groups} groups")
+            module.norm.num_groups = groups
+            count += 1
+    return count
+
+
 def zero_init_motion_outputs(unet: nn.Module) -> int:
     """Zero the output projection of every motion module (AnimateDiff's init: identity at start)."""
     count = 0

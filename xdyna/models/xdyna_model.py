@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -37,7 +39,7 @@ from .loading import (
     read_state_dict,
     require_folder,
 )
-from .motion import FrameLayout, install_frame_layout, LayoutPreservingCheckpoint, zero_init_motion_outputs
+from .motion import FrameLayout, install_frame_layout, LayoutPreservingCheckpoint, set_motion_norm_groups, zero_init_motion_outputs
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +499,11 @@ def _load_artifacts(model: XDynaModel, config: ModelConfig) -> None:
         required = {name for name, _ in groups["dynamics_adapter"] + groups["motion_modules"]}
         required |= {name for name in motion_names if name.endswith(".pos_embed.pe")} & set(converted)
         reports.append(load_mapped(unet_tensors, converted, f"{key}={paths.xdyna_unet}", foreign, required))
+        differences = config.release_groupnorm_differences()
+        if differences:
+            # Auto modes would have been the release's: these were set explicitly. One warning.
+            warnings.warn(f"{key}: {', '.join(differences)} set explicitly, so this model's outputs differ from the "
+                          "X-Dyna release's (leave both modes at auto to reproduce it)", UserWarning, stacklevel=3)
 
     for key, path, module, prefix in (
         ("model.pretrained.xdyna_pose_controlnet", paths.xdyna_pose_controlnet, model.pose_controlnet, "pose_controlnet."),
@@ -565,7 +572,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> XDyn
             if paths.image_encoder is not None and not meta:
                 encoder_folder = require_folder(paths.image_encoder, "a CLIP vision model folder (ViT-H/14)",
                                                 "model.pretrained.image_encoder", ("config.json",))
-            image_prompt = build_image_prompt(flavour.image_encoder, flavour.image_prompt, encoder_folder)
+            image_prompt = build_image_prompt(flavour.image_encoder, flavour.image_prompt, encoder_folder, config.image_prompt_resize)
 
         if paths.motion_adapter is not None and not meta:
             folder = require_folder(paths.motion_adapter, "a diffusers MotionAdapter folder", "model.pretrained.motion_adapter", ("config.json",))
@@ -576,6 +583,15 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> XDyn
             unet = UNetMotionModel.from_unet2d(unet2d, motion_adapter)
         if paths.motion_adapter is None:
             zero_init_motion_outputs(unet)
+        # The motion modules' group count is the adapter's (or the configured one), not the
+        # ResNets' that from_unet2d gives them; recorded in the config so that a pipeline folder
+        # (which keeps no adapter folder) rebuilds the same statistics.
+        motion_norm_groups = config.motion_norm_groups or int(motion_adapter.config["motion_norm_num_groups"])
+        try:
+            set_motion_norm_groups(unet, motion_norm_groups)
+        except ValueError as error:
+            raise ConfigError(f"model.motion_norm_groups={motion_norm_groups}: {error}") from None
+        config = replace(config, motion_norm_groups=motion_norm_groups)
         del unet2d, motion_adapter
 
         frame_layout = install_frame_layout(

@@ -8,7 +8,10 @@
   :class:`PoseEstimator` rendered with :func:`datapipes.pose.render_pose`.
 * Face: S-Face maps (:func:`datapipes.face.s_face_maps`) from per-frame face tracks; a frame
   without a detection reuses the last good face box (the first good one for leading frames), so
-  one missed detection never blanks the face condition of that frame.
+  one missed detection never blanks the face condition of that frame. A w/lmk model
+  (``face_landmarks_in_pose``) gets the detected landmarks drawn into its pose images instead, as
+  its training data drew them (:func:`datapipes.pose.draw_face_landmarks`; a frame without a
+  detection keeps a face-less pose, as in training).
 * Alignment: :class:`PoseAlignment` scales and centres the skeleton (and the face maps with it)
   onto the reference person's body box.
 """
@@ -28,7 +31,7 @@ from datapipes.clips import ResizeCrop
 from datapipes.face import FaceFrame, s_face_maps
 from datapipes.facetrack import LandmarkModel, load_face_model
 from datapipes.plugins import import_object
-from datapipes.pose import render_pose
+from datapipes.pose import draw_face_landmarks, render_pose
 from datapipes.pose_estimator import PoseEstimator
 
 from .inputs import InputError, VideoFile
@@ -150,10 +153,25 @@ def detect_faces(video: VideoFile, indices: np.ndarray, face_model: LandmarkMode
 def face_maps(frames: torch.Tensor, faces: list[FaceFrame | None], source_hw: tuple[int, int]) -> torch.Tensor:
     """S-Face maps ``(T, 6, H, W)`` from fitted frames ``(T, 3, H, W)`` in [0, 1] and faces in
     source pixels (moved into the fitted frames' pixels here)."""
-    size = tuple(frames.shape[-2:])
+    return s_face_maps(frames, faces_in_output(faces, source_hw, tuple(frames.shape[-2:])))
+
+
+def faces_in_output(faces: list[FaceFrame | None], source_hw: tuple[int, int], size: tuple[int, int]) -> list[FaceFrame | None]:
+    """Faces in source pixels moved into the pixels of the fitted (cover-resized, centre-cropped) frames."""
     transform = center_geometry(source_hw, size).point_transform(*source_hw)
-    moved = [None if face is None else face.transformed(*transform) for face in faces]
-    return s_face_maps(frames, moved)
+    return [None if face is None else face.transformed(*transform) for face in faces]
+
+
+def draw_landmarks_into_pose(pose: torch.Tensor, faces: list[FaceFrame | None]) -> torch.Tensor:
+    """Pose frames ``(T, 3, H, W)`` in [0, 1] with each frame's face landmarks (in output pixels)
+    drawn into the uint8 rendering, as the w/lmk training data draws them."""
+    drawn = pose.clone()
+    for index, face in enumerate(faces):
+        if face is not None:
+            frame = (pose[index] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            marked = draw_face_landmarks(frame, face.points)
+            drawn[index] = torch.tensor(marked).permute(2, 0, 1).to(pose.dtype) / 255.0  # a copy: PIL's array is read-only
+    return drawn
 
 
 # ---------------------------------------------------------------------- alignment
@@ -268,16 +286,20 @@ def prepare_driving(
     start: int = 0,
     allow_blank_pose: bool = False,
     reference_box: Box | None = None,
+    face_landmarks_in_pose: bool = False,
 ) -> DrivingSignals:
     """Conditions for ``size = (H, W)``.
 
     The pose comes from ``pose_video`` (a rendered head-less skeleton video) or, without one, from
     ``pose_estimator`` run on ``driving_video``. Face maps come from ``face_video`` (default:
-    ``driving_video``) when a ``face_model`` (``"mtcnn"`` or a :class:`LandmarkModel`) is given.
+    ``driving_video``) when a ``face_model`` (``"mtcnn"`` or a :class:`LandmarkModel`) is given;
+    with ``face_landmarks_in_pose`` (a w/lmk model) its landmarks are drawn into the pose instead
+    and ``face`` stays None.
     When the pose and face sources differ in length the shorter one sets the length (noted).
     ``reference_box`` (output pixels, see :func:`reference_body_box`) turns on alignment.
     """
     notes: list[str] = []
+    face_condition = "the face landmarks in the pose" if face_landmarks_in_pose else "the S-Face condition"
     driving = VideoFile(driving_video, "driving video") if driving_video is not None else None
     if pose_video is not None:
         pose_source = VideoFile(pose_video, "pose video")
@@ -295,7 +317,7 @@ def prepare_driving(
         elif driving is not None:
             face_source = driving
         else:
-            notes.append("no face video given: the S-Face condition is off")
+            notes.append(f"no face video given: {face_condition} is off")
     elif face_video is not None:
         notes.append(f"face video {str(face_video)!r} ignored: no face model in use")
 
@@ -332,15 +354,22 @@ def prepare_driving(
         notes.append(f"{int(blank.sum())} of {len(indices)} frames have no skeleton")
 
     face = None
+    landmarks: list[FaceFrame | None] = []  # w/lmk: drawn after the alignment, which measures the bare skeleton
     if face_source is not None:
         model = load_face_model(face_model)
-        faces, filled = carry_over_faces(detect_faces(face_source, indices, model))
+        detected = detect_faces(face_source, indices, model)
+        faces, filled = carry_over_faces(detected)
         if all(f is None for f in faces):
-            notes.append(f"no face found in any frame of the {face_source.what}: the S-Face condition is blank")
+            notes.append(f"no face found in any frame of the {face_source.what}: {face_condition} is blank")
+        elif face_landmarks_in_pose:
+            if filled:
+                notes.append(f"{filled} of {len(indices)} frames had no face detection: their pose shows no face landmarks")
+            landmarks = faces_in_output(detected, (face_source.info.height, face_source.info.width), size)
         elif filled:
             notes.append(f"{filled} of {len(indices)} frames had no face detection: the last good face box was used")
-        frames = _decode_fitted(face_source, indices, size)
-        face = face_maps(frames, faces, (face_source.info.height, face_source.info.width))
+        if not face_landmarks_in_pose:
+            frames = _decode_fitted(face_source, indices, size)
+            face = face_maps(frames, faces, (face_source.info.height, face_source.info.width))
 
     if reference_box is not None:
         body = skeleton_box(pose)
@@ -350,7 +379,11 @@ def prepare_driving(
             alignment = PoseAlignment.fit(body, reference_box)
             pose = alignment.warp(pose)
             face = alignment.warp(face) if face is not None else None
+            moved = (alignment.scale, alignment.scale, alignment.shift_x, alignment.shift_y)
+            landmarks = [None if f is None else f.transformed(*moved) for f in landmarks]
             notes.append(f"skeleton aligned to the reference body: scale {alignment.scale:.3f}")
+    if landmarks:
+        pose = draw_landmarks_into_pose(pose, landmarks)
 
     fps = pose_source.fps / stride
     for note in notes:
