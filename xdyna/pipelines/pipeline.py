@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -32,7 +30,7 @@ from datapipes.atomic import save_safetensors, write_bytes_atomic
 from ..diffusion import sampling_scheduler
 from ..models import ModelConfig, XDynaModel, build_model
 from ..models.flavours import get_flavour
-from ..train.export import EXPORT_MANIFEST, EXPORT_SUBDIR
+from ..train.export import EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, load_checkpoint_file
 from .context import ContextOptions
 from .checks import InputError, require_file
 from .sampling import denoise_latents, encode_image_prompt, initial_latents, model_has_image_prompt
@@ -85,40 +83,13 @@ def _describe(keys: Sequence[str]) -> str:
     return ", ".join(keys[:4]) + (f" ... (+{len(keys) - 4})" if len(keys) > 4 else "")
 
 
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Unpickles only what torch's ``weights_only`` loader allows, plus Lightning's
-    ``AttributeDict`` (read as a plain dict): xdyna-train checkpoints keep their hyper-parameters
-    in one, which ``weights_only`` rejects, and a checkpoint must never run code on load."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("lightning.fabric.utilities.data", "AttributeDict"):
-            return dict
-        allowed = _allowed_globals()
-        if f"{module}.{name}" in allowed:
-            return allowed[f"{module}.{name}"]
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
-
-
-def _allowed_globals() -> dict:
-    from torch import _weights_only_unpickler  # torch's own allow-list of tensor-rebuilding globals
-
-    return _weights_only_unpickler._get_allowed_globals()
-
-
-_checkpoint_pickle = SimpleNamespace(Unpickler=_CheckpointUnpickler, load=lambda f, **kw: _CheckpointUnpickler(f, **kw).load(),
-                                     __name__="xdyna_checkpoint_pickle")
-
-
 def _load_lightning_checkpoint(file: Path) -> dict:
+    # Weights-only with the training checkpoints' allow-list (xdyna.train.export): a checkpoint
+    # never runs code on load, and one holding anything else is refused naming what it holds.
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            payload = torch.load(file, map_location="cpu", weights_only=False, pickle_module=_checkpoint_pickle)
-        except Exception as error:  # unpickling raises many types; the file is the culprit either way
-            raise PipelineFormatError(f"checkpoint {str(file)!r} is not a readable torch checkpoint ({str(error).splitlines()[0][:200]})") from None
-    except Exception as error:
-        raise PipelineFormatError(f"checkpoint {str(file)!r} is not a readable torch checkpoint ({str(error).splitlines()[0][:200]})") from None
+        payload = load_checkpoint_file(file)
+    except ExportError as error:
+        raise PipelineFormatError(str(error)) from None
     if not isinstance(payload, Mapping):
         raise PipelineFormatError(f"checkpoint {str(file)!r} holds a {type(payload).__name__}, expected a dict")
     return dict(payload)

@@ -16,8 +16,11 @@ Stage 2 starts from stage 1's export this way (``init.from_run`` in the training
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -38,6 +41,73 @@ class ExportError(XDynaUserError, RuntimeError):
     """A checkpoint or export directory that cannot be read as asked."""
 
 
+# Besides tensors and plain containers (torch's weights-only allow-list), the only objects training
+# checkpoints hold: hyper-parameters in Lightning's AttributeDict (older Lightning; read as the
+# plain dict it is) and, in DeepSpeed's ZeRO optimizer shards, the stage enum, the loss scaler
+# and fragment addresses. Anything else is refused: a checkpoint must never run code on load.
+_LIGHTNING_GLOBALS = ((dict, "lightning.fabric.utilities.data.AttributeDict"),)
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def _deepspeed_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading(extra_globals: Iterable = ()) -> Iterator[None]:
+    """Every ``torch.load`` inside, third-party code's included (DeepSpeed's consolidation asks for
+    ``weights_only=False``), runs weights-only with the training checkpoints' allow-list plus
+    ``extra_globals``. torch's public switches: ``safe_globals`` and its force-weights-only variable."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals([*_LIGHTNING_GLOBALS, *extra_globals]):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def _unsafe_globals(path: Path, extra_globals: Iterable) -> list[str]:
+    """Globals a checkpoint file's pickle names outside the allow-list (read without unpickling)."""
+    allowed = {name for _, name in _LIGHTNING_GLOBALS} | {f"{g.__module__}.{g.__qualname__}" for g in extra_globals}
+    try:
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+    except Exception:  # not a zip checkpoint: nothing to list
+        return []
+
+
+def _refusal(path: Path, error: Exception, extra_globals: Iterable) -> ExportError:
+    """The one-line reason a checkpoint file was not read: objects outside the allow-list (named),
+    else not a torch checkpoint at all."""
+    unsafe = _unsafe_globals(path, extra_globals)
+    if unsafe:
+        return ExportError(f"checkpoint {str(path)!r} is refused: it holds {', '.join(unsafe[:5])}, which is not allowed in a "
+                           "checkpoint (only tensors, plain containers and what xdyna-train writes are read; loading "
+                           "anything else could run code)")
+    # torch's weights-only message opens with advice to load unsafely; its reason follows "error:".
+    reason = str(error).rpartition("WeightsUnpickler error:")[2].strip() or type(error).__name__
+    return ExportError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({reason.splitlines()[0][:200]})")
+
+
+def load_checkpoint_file(path: str | os.PathLike, extra_globals: Iterable = ()) -> Any:
+    """``torch.load`` of one checkpoint file, weights-only (see :func:`weights_only_loading`);
+    a file holding anything else fails with :class:`ExportError` naming what it holds."""
+    path = Path(path)
+    extra_globals = list(extra_globals)
+    with weights_only_loading(extra_globals):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError) as error:
+            raise _refusal(path, error, extra_globals) from None
+
+
 def _deepspeed_states(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -45,8 +115,16 @@ def _deepspeed_states(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], di
     model_states = sorted(tag_dir.glob("*model_states.pt"))
     if not model_states:
         raise ExportError(f"{checkpoint_dir}: no DeepSpeed model states under checkpoint/")
-    client_state = torch.load(model_states[0], map_location="cpu", weights_only=False)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="checkpoint")
+    client_state = load_checkpoint_file(model_states[0])
+    deepspeed_globals = _deepspeed_globals()
+    with weights_only_loading(deepspeed_globals):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="checkpoint")
+        except pickle.UnpicklingError as error:
+            # DeepSpeed's refusal names no file: name the shard that holds a disallowed object.
+            shards = sorted(tag_dir.glob("*.pt"))
+            culprit = next((shard for shard in shards if _unsafe_globals(shard, deepspeed_globals)), shards[0])
+            raise _refusal(culprit, error, deepspeed_globals) from None
     weights = {k.removeprefix(_WRAPPER_PREFIX): v for k, v in state.items()}
     return weights, client_state
 
@@ -59,7 +137,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.is_dir():
         weights, meta = _deepspeed_states(path)
     else:
-        meta = torch.load(path, map_location="cpu", weights_only=False)
+        meta = load_checkpoint_file(path)
         weights = meta.get("state_dict") or {}
     if "hyper_parameters" not in meta:
         raise ExportError(f"{path}: no hyper_parameters (not written by XDynaTrainingModule)")
