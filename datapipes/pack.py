@@ -622,6 +622,9 @@ def pack(items: list[PackItem], out_dir: str, options: PackOptions | None = None
     if os.path.isdir(out_dir) and any(name.endswith(".tar") for name in os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir!r} already holds .tar shards; choose an empty directory")
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # unfinished shards of a killed run (SIGKILL leaves no cleanup)
+        if name.startswith(f".{prefix}-") and ".tar.partial-" in name:
+            os.unlink(os.path.join(out_dir, name))
     quarantine_path = os.path.join(out_dir, QUARANTINE)
     accepted, rejected, frames, seconds, kinds, seen, warned = 0, 0, 0, 0.0, {}, set(), {}
     sink = _PublishingSink(out_dir, prefix, shard_size, shard_bytes)

@@ -210,9 +210,12 @@ def test_unreadable_and_odd_sources_are_rejections(tmp_path, monkeypatch):
              PackItem(video=str(tmp_path / "missing.mp4"), key="missing"),
              PackItem(video=str(tmp_path / "ok.mp4"), pose_video=str(tmp_path / "ok.pose.mp4"), key="ok",
                       keypoints=str(tmp_path / "adir.mp4"))]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".shard-000000.tar.partial-1").write_bytes(b"left by a killed run")
     summary = pack(items, str(tmp_path / "out"), PackOptions(Rules(min_frames=8)), workers=0)
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert summary.accepted == 0 and summary.rejected == 4
+    assert sorted(os.listdir(tmp_path / "out")) == ["pack_summary.json", "quarantine.jsonl"]
     assert "permission denied" in reasons[0] and "is a directory" in reasons[1]
     assert "does not exist" in reasons[2] and "keypoints" in reasons[3] and "is a directory" in reasons[3]
 
