@@ -300,10 +300,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         raise user_error(message) from None
     except KeyboardInterrupt:
-        # A Ctrl-C outside the training steps (loading, building): nothing to save, no traceback.
+        # A Ctrl-C outside the training steps (loading, building, exporting): no step to save
+        # there, and no traceback either.
         if debug_enabled():
             raise
-        print("xdyna-train: interrupted (Ctrl-C) before a step could be saved", file=sys.stderr)
+        print("xdyna-train: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         if previous is None:
