@@ -16,12 +16,33 @@ from xdyna.pipelines.sampling import ImagePrompt, _blur
 SIZE = (64, 64)  # the output size of the conftest fixtures
 
 
-def scheduler_at_first_step(steps: int = 25):
-    """A DDIM scheduler set for ``steps`` steps but holding only the first (t = 961 for 25)."""
+def scheduler_at_first_steps(count: int, steps: int = 25):
+    """A DDIM scheduler set for ``steps`` steps but holding only the first ``count``."""
     scheduler = sampling_scheduler()
     scheduler.set_timesteps(steps)
-    scheduler.timesteps = scheduler.timesteps[:1]
+    scheduler.timesteps = scheduler.timesteps[:count]
     return scheduler
+
+
+def drawn_offsets(seed: int, steps: int, size: int) -> list[int]:
+    """The window offsets a seeded loop draws, one per step (eta 0: DDIM itself draws nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    return [int(torch.randint(0, size, (1,), generator=g)) for _ in range(steps)]
+
+
+def windowed_steps(latents, scheduler, windows_per_step, denoise_window):
+    """The context-window loop written out: per step, every window's prediction is added to its
+    frames, each frame's sum is divided by the number of windows that hold it, one DDIM step."""
+    frames = latents.shape[1]
+    for t, windows in zip(scheduler.timesteps, windows_per_step):
+        total, hits = torch.zeros_like(latents), [0] * frames
+        for window in windows:
+            total[:, window] += denoise_window(latents[:, window], t, window)
+            for frame in window:
+                hits[frame] += 1
+        assert min(hits) >= 1 and max(hits) >= 2  # every frame covered, overlaps averaged
+        latents = scheduler.step(total / torch.tensor(hits).view(1, -1, 1, 1, 1), t, latents).prev_sample
+    return latents
 
 
 def step_inputs(frames: int, seed: int = 0):
@@ -32,29 +53,81 @@ def step_inputs(frames: int, seed: int = 0):
     return latents, reference_latents, pose
 
 
-def test_one_step_averages_the_per_window_predictions(tiny_pipeline):
+def test_steps_average_the_per_window_predictions(tiny_pipeline):
+    """The tiny model in the loop: two steps, borders moved by a seeded random offset, closed loop
+    (the loop's bookkeeping on videos longer than 16 frames: the probe test below)."""
     model = tiny_pipeline.model
-    frames = 7
-    context = ContextOptions(size=4, overlap=1, closed_loop=True, random_offset=False)
+    frames, steps, seed = 7, 2, 0
+    context = ContextOptions(size=4, overlap=1, closed_loop=True, random_offset=True)
     latents, reference_latents, pose = step_inputs(frames)
-    got = denoise_latents(model, latents, reference_latents, scheduler_at_first_step(), pose=pose, context=context)
+    got = denoise_latents(model, latents, reference_latents, scheduler_at_first_steps(steps), pose=pose, context=context,
+                          generator=torch.Generator().manual_seed(seed))
 
-    scheduler = scheduler_at_first_step()
-    t = scheduler.timesteps[0]
-    with torch.no_grad():
+    windows = [context_windows(frames, 4, 1, True, offset) for offset in drawn_offsets(seed, steps, 4)]
+    assert windows[0] != windows[1] and all(len(step) == 3 for step in windows)  # e.g. [0-3], [3-6], [6, 0, 1, 2]
+
+    def denoise_window(rows, t, window):
         features = model.encode_reference(reference_latents, t.expand(1))
-        total, hits = torch.zeros_like(latents), torch.zeros(frames)
-        windows = context_windows(frames, 4, 1, True, 0)
-        assert len(windows) == 3  # [0-3], [3-6], [6, 0, 1, 2]: frames 0-3 and 6 are averaged
-        for window in windows:
-            total[:, window] += model.denoise(latents[:, window], t.expand(1), pose=pose[:, window], reference=features)
-            hits[window] += 1
-    expected = scheduler.step(total / hits.view(1, -1, 1, 1, 1), t, latents).prev_sample
+        return model.denoise(rows, t.expand(1), pose=pose[:, window], reference=features)
+
+    with torch.no_grad():
+        expected = windowed_steps(latents, scheduler_at_first_steps(steps), windows, denoise_window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
     # Not vacuous: the whole clip as one window is a different computation (temporal attention).
-    whole = denoise_latents(model, latents, reference_latents, scheduler_at_first_step(), pose=pose, context=None)
+    whole = denoise_latents(model, latents, reference_latents, scheduler_at_first_steps(steps), pose=pose, context=None)
     assert (whole - got).abs().max() > 1e-4
+
+
+class WindowProbe:
+    """A stand-in model whose prediction for a window is a fixed nonlinear function of the
+    window's latents and of each frame's place in it (so which frames share a window, and how
+    predictions are averaged, both show in the result). Frame ids ride in the pose maps; the
+    probe records the windows it was given."""
+
+    unet = SimpleNamespace(dtype=torch.float32)
+
+    def __init__(self):
+        self.windows: list[list[int]] = []
+
+    @staticmethod
+    def predict(rows: torch.Tensor) -> torch.Tensor:
+        place = torch.arange(rows.shape[1], dtype=rows.dtype).view(1, -1, 1, 1, 1)
+        return torch.tanh(rows) + 0.3 * rows.mean(dim=1, keepdim=True) + 0.01 * place
+
+    def encode_reference(self, reference_rows, timesteps, image_prompt=None):
+        return None
+
+    def denoise(self, rows, timesteps, reference_latents=None, pose=None, face=None, reference=None, image_prompt=None):
+        self.windows += pose[:, :, 0, 0, 0].long().tolist()
+        return self.predict(rows)
+
+
+LONG = 40  # frames: several 16-frame windows
+
+
+@pytest.mark.parametrize("closed_loop", [True, False])
+def test_long_video_steps_average_windows_at_random_offsets(closed_loop):
+    latents = torch.randn(1, LONG, 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    frame_ids = torch.arange(LONG, dtype=torch.float32).view(1, LONG, 1, 1, 1).expand(1, LONG, 3, 2, 2)
+    context = ContextOptions(size=16, overlap=4, closed_loop=closed_loop, random_offset=True)
+    probe, steps, seed = WindowProbe(), 3, 4
+    got = denoise_latents(probe, latents, torch.zeros(1, 4, 2, 2), scheduler_at_first_steps(steps), pose=frame_ids,
+                          context=context, generator=torch.Generator().manual_seed(seed))
+
+    offsets = drawn_offsets(seed, steps, context.size)
+    assert len(set(offsets)) == steps  # the seed moves the borders at every step
+    windows = [context_windows(LONG, 16, 4, closed_loop, offset) for offset in offsets]
+    assert probe.windows == [window for step in windows for window in step]
+    assert len({tuple(map(tuple, step)) for step in windows}) == steps
+    expected = windowed_steps(latents, scheduler_at_first_steps(steps), windows, lambda rows, t, window: WindowProbe.predict(rows))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+    # Not vacuous: fixed borders (offset 0 at every step) give another video.
+    fixed = ContextOptions(size=16, overlap=4, closed_loop=closed_loop, random_offset=False)
+    unmoved = denoise_latents(WindowProbe(), latents, torch.zeros(1, 4, 2, 2), scheduler_at_first_steps(steps), pose=frame_ids,
+                              context=fixed, generator=torch.Generator().manual_seed(seed))
+    assert (unmoved - got).abs().max() > 1e-3
 
 
 def test_shared_reference_features_equal_recomputing_per_window(tiny_pipeline):
@@ -65,7 +138,7 @@ def test_shared_reference_features_equal_recomputing_per_window(tiny_pipeline):
         if True:
             context = ContextOptions(size=4, overlap=1, random_offset=False, windows_per_batch=per_batch)
             results[share, per_batch] = denoise_latents(
-                model, latents, reference_latents, scheduler_at_first_step(), pose=pose, context=context,
+                model, latents, reference_latents, scheduler_at_first_steps(1), pose=pose, context=context,
                 share_reference_features=share,
             )
     reference = results[True, 1]
@@ -139,9 +212,9 @@ def test_guidance_combines_the_branches():
     unconditional = torch.tensor([-1.0, -3.0]).view(2, 1, 1).expand(2, 3, 8)
     prompt = ImagePrompt(conditional, unconditional)
     context = ContextOptions(size=4, overlap=2, random_offset=False, windows_per_batch=2)
-    got = denoise_latents(GuidanceProbe(), latents, reference_latents, scheduler_at_first_step(), image_prompt=prompt,
+    got = denoise_latents(GuidanceProbe(), latents, reference_latents, scheduler_at_first_steps(1), image_prompt=prompt,
                           guidance_scale=7.5, context=context)
-    scheduler = scheduler_at_first_step()
+    scheduler = scheduler_at_first_steps(1)
     c, u = conditional[:, 0, 0].view(2, 1, 1, 1, 1), unconditional[:, 0, 0].view(2, 1, 1, 1, 1)
     eps = 0.1 * latents + u + 7.5 * (c - u)
     expected = scheduler.step(eps, scheduler.timesteps[0], latents).prev_sample
@@ -149,7 +222,7 @@ def test_guidance_combines_the_branches():
 
 
 def test_frame_similarity_prior_is_the_noised_blur_mix_of_the_reference():
-    scheduler = scheduler_at_first_step()
+    scheduler = scheduler_at_first_steps(1)
     reference = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     prior = frame_similarity_prior(reference, 3, scheduler, torch.Generator().manual_seed(7))
     assert scheduler.timesteps[0] == 961
