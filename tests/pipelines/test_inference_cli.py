@@ -258,18 +258,30 @@ def test_ground_truth_frames_are_the_frames_the_pipeline_used(driving_files, mon
     signals = driving.prepare_driving(size, pose_video=driving_files["pose"], driving_video=driving_files["driving"],
                                       face_model=lambda frames: [None] * len(frames), stride=3, max_frames=5, start=2)
     assert list(signals.indices) == [2, 5, 8, 11, 14]
-    truth = ground_truth_frames(driving_files["driving"], signals, size)
+    truth = ground_truth_frames(driving_files["driving"], signals.indices, size)
     assert truth.shape == (5, 64, 128, 3) and truth.dtype == np.uint8
     assert np.array_equal(truth, to_uint8(used["frames"], (0, 1)))
 
 
-def test_save_ground_truth_matches_the_animation_in_frames_size_and_fps(tmp_path, driving_files, capsys):
-    out, truth = tmp_path / "dance.mp4", tmp_path / "gt.mp4"
+def test_save_ground_truth_matches_the_animation_and_prepare_gt_writes_the_same(tmp_path, driving_files, capsys):
+    from xdyna.metrics.cli import main as eval_main
+    from xdyna.metrics.sources import VideoSource
+
+    out, truth, prepared = tmp_path / "dance.mp4", tmp_path / "gt.mp4", tmp_path / "prepared.mp4"
+    selection = ["--stride", "2", "--start", "1", "--frames", "4", "--height", "64", "--width", "64"]
     code = main([*TINY, "--reference", str(driving_files["reference"]), "--driving", str(driving_files["driving"]),
-                 "--pose-video", str(driving_files["pose"]), "--no-face", "--out", str(out), "--stride", "2", "--start", "1",
-                 "--frames", "4", "--height", "64", "--width", "64", "--no-preview", "--save-ground-truth", str(truth)])
+                 "--pose-video", str(driving_files["pose"]), "--no-face", "--out", str(out), *selection, "--no-preview",
+                 "--save-ground-truth", str(truth)])
     assert code == 0, capsys.readouterr().err
     made, gt = video_info(out), video_info(truth)
     assert (gt.num_frames, gt.height, gt.width) == (made.num_frames, made.height, made.width) == (4, 64, 64)
     assert gt.fps == pytest.approx(made.fps, rel=0.01)
     assert "ground_truth" in capsys.readouterr().out
+    # Without a model: the same frames from the same selection flags.
+    assert eval_main(["prepare-gt", "--driving", str(driving_files["driving"]), "--pose-video", str(driving_files["pose"]),
+                      "--out", str(prepared), *selection]) == 0
+    assert video_info(prepared).fps == pytest.approx(gt.fps, rel=0.01)
+    assert np.array_equal(VideoSource(prepared).read(0, 8).numpy(), VideoSource(truth).read(0, 8).numpy())
+    assert eval_main(["prepare-gt", "--driving", str(driving_files["driving"]), "--out", str(prepared), "--height", "60",
+                      "--width", "64"]) == 2
+    assert "--height must be a positive multiple of 64" in capsys.readouterr().err

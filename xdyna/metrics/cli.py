@@ -4,6 +4,7 @@
                --weights weights/manifest.json --out runs/x/eval
     xdyna-eval --pred dance.mp4 --gt dance.gt.mp4     # one pair; without --weights: what needs no weight files
     xdyna-eval --compare runs/a/eval/metrics.json runs/b/eval/metrics.json
+    xdyna-eval prepare-gt --driving dance.mp4 --out dance_gt.mp4 --height 896 --width 512  # the ground truth
 
 Arguments are checked before any video is decoded; an error is one line, exit status 2
 (``--debug`` or ``XDYNA_DEBUG=1`` shows the traceback).
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=f"metrics: {', '.join(ALL_METRICS)}\ngroups: " +
-                           "; ".join(f"{k} = {','.join(v)}" for k, v in METRIC_GROUPS.items()))
+                           "; ".join(f"{k} = {','.join(v)}" for k, v in METRIC_GROUPS.items()) +
+                           "\nground truth of an animation: xdyna-eval prepare-gt --help")
     parser.add_argument("--pred", type=Path, help="generated video (.mp4), or a folder of them (*.mp4 or frame folders)")
     parser.add_argument("--gt", type=Path, help="ground-truth video, or a folder of them with the same names "
                                                 "(xdyna-animate --save-ground-truth writes one)")
@@ -106,7 +108,52 @@ def check_args(args: argparse.Namespace) -> None:
          _needs_weights("--segmenter", "deeplabv3", ["deeplabv3_person"]))
 
 
+def _prepare_gt_parser() -> argparse.ArgumentParser:
+    from ..pipelines.cli import DEFAULT_STRIDE
+
+    parser = OneLineParser(prog=f"{PROG} prepare-gt",
+                           description="The ground truth of an animation: its driving video at the inference size, start, "
+                                       "stride and length, as xdyna-animate --save-ground-truth writes it (no model needed). "
+                                       "Give the selection flags the animation was made with.")
+    parser.add_argument("--driving", required=True, help="the driving video the animation followed")
+    parser.add_argument("--pose-video", help="its skeleton video, if the animation used one (the shorter sets the length)")
+    parser.add_argument("--out", required=True, help="ground-truth .mp4 to write")
+    parser.add_argument("--height", type=int, required=True, help="the animation's height")
+    parser.add_argument("--width", type=int, required=True, help="the animation's width")
+    parser.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="as xdyna-animate --stride")
+    parser.add_argument("--start", type=int, default=0, help="as xdyna-animate --start")
+    parser.add_argument("--frames", type=int, help="as xdyna-animate --frames")
+    parser.add_argument("--fps", type=float, help="as xdyna-animate --fps (default: driving fps / stride)")
+    add_debug_flag(parser)
+    return parser
+
+
+def prepare_gt(argv: list[str]) -> int:
+    """``xdyna-eval prepare-gt``: see :func:`_prepare_gt_parser`."""
+    from ..pipelines.checks import require_file
+    from ..pipelines.cli import check_frame_args
+    from ..pipelines.preview import write_ground_truth
+
+    args = _prepare_gt_parser().parse_args(argv)
+    try:
+        check_frame_args(args)
+        require_file(args.driving, "--driving video")
+        if args.pose_video:
+            require_file(args.pose_video, "--pose-video")
+        path = write_ground_truth(args.out, args.driving, (args.height, args.width), args.stride, args.start, args.frames,
+                                  args.fps, args.pose_video)
+    except XDynaUserError as error:
+        if debug_requested(args):
+            raise
+        return report_user_error(f"{PROG} prepare-gt", error)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare-gt"]:
+        return prepare_gt(argv[1:])
     args = _parser().parse_args(argv)
     try:
         check_args(args)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 PROG = "xdyna-animate"
+DEFAULT_STRIDE = 2  # the release's 30 fps sources animated at 15 fps
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance on the image prompt")
     generation.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     generation.add_argument("--frames", type=int, default=None, help="at most this many output frames")
-    generation.add_argument("--stride", type=int, default=2, help="use every n-th driving frame")
+    generation.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="use every n-th driving frame")
     generation.add_argument("--start", type=int, default=0, help="first driving frame")
     generation.add_argument("--fps", type=float, default=None, help="output fps (default: driving fps / stride)")
     generation.add_argument("--height", type=int, default=None, help="output height (default: the model's)")
@@ -124,6 +125,26 @@ def _model_config(spec: str):
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 
+def check_frame_args(args: argparse.Namespace) -> None:
+    """The rules on ``--frames --stride --start --fps --height --width``, which pick the output
+    frames (here and in ``xdyna-eval prepare-gt``, which must pick the same ones)."""
+    from .checks import InputError
+    from .pipeline import SIZE_MULTIPLE
+
+    problems = [
+        (args.frames is not None and args.frames < 1, f"--frames must be >= 1, got {args.frames}"),
+        (args.stride < 1, f"--stride must be >= 1, got {args.stride}"),
+        (args.start < 0, f"--start must be >= 0, got {args.start}"),
+        (args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0), f"--fps must be > 0, got {args.fps}"),
+        *((value is not None and (value <= 0 or value % SIZE_MULTIPLE != 0),
+           f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
+          for flag, value in (("--height", args.height), ("--width", args.width))),
+    ]
+    for broken, message in problems:
+        if broken:
+            raise InputError(message)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every rule on the arguments, checked before any model is built (which takes seconds to
     minutes): ranges, files, sizes, device and dtype. The first broken rule raises an
@@ -133,7 +154,7 @@ def check_args(args: argparse.Namespace) -> None:
     from ..models.flavours import FLAVOURS
     from .checks import InputError, require_file
     from .inputs import VideoFile
-    from .pipeline import SIZE_MULTIPLE, checkpoint_file, export_model_config, resolve_dtype, weights_folder
+    from .pipeline import checkpoint_file, export_model_config, resolve_dtype, weights_folder
     from .preview import check_output_path, preview_paths
 
     def need(condition: bool, message: str) -> None:
@@ -147,13 +168,7 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     need(finite(args.guidance), f"--guidance must be a finite number, got {args.guidance}")
     need(0.0 <= args.eta <= 1.0, f"--eta must be in [0, 1] (0: deterministic DDIM), got {args.eta}")
-    need(args.frames is None or args.frames >= 1, f"--frames must be >= 1, got {args.frames}")
-    need(args.stride >= 1, f"--stride must be >= 1, got {args.stride}")
-    need(args.start >= 0, f"--start must be >= 0, got {args.start}")
-    need(args.fps is None or (math.isfinite(args.fps) and args.fps > 0), f"--fps must be > 0, got {args.fps}")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        need(value is None or (value > 0 and value % SIZE_MULTIPLE == 0),
-             f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
+    check_frame_args(args)
     need(0 <= args.seed < SEED_LIMIT, f"--seed must be in [0, 2**64), got {args.seed}")
     for flag, value in (("--pose-scale", args.pose_scale), ("--face-scale", args.face_scale)):
         need(value is None or (math.isfinite(value) and value >= 0), f"{flag} must be a finite number >= 0, got {value}")
@@ -196,9 +211,9 @@ def check_args(args: argparse.Namespace) -> None:
                ("--face", None if args.no_face else args.face)) if path]
     shortest = min(len(video) for video in videos)
     need(args.start < shortest, f"--start {args.start} is outside the driving input's {shortest} frames")
-    out = check_output_path(args.out)
+    out = check_output_path(args.out, "--out")
     if args.save_ground_truth:
-        ground_truth = check_output_path(args.save_ground_truth)
+        ground_truth = check_output_path(args.save_ground_truth, "--save-ground-truth")
         taken = {out.resolve(), *(p.resolve() for p in (preview_paths(out) if not args.no_preview else ()))}
         need(ground_truth.resolve() not in taken, f"--save-ground-truth {args.save_ground_truth} would overwrite an output of --out")
 
@@ -291,7 +306,7 @@ def run(args: argparse.Namespace) -> dict:
     ground_truth = None
     if args.save_ground_truth:
         # Written before sampling: the frames the animation follows, whatever happens next.
-        ground_truth = write_bytes_atomic(args.save_ground_truth, encode_mp4(ground_truth_frames(args.driving, signals, size), fps))
+        ground_truth = write_bytes_atomic(args.save_ground_truth, encode_mp4(ground_truth_frames(args.driving, signals.indices, size), fps))
     log.info("animating %d frames at %dx%d on %s (%s), %d steps", len(signals), size[0], size[1], args.device, args.dtype, args.steps)
     started = time.perf_counter()
     animation = pipeline(

@@ -46,14 +46,32 @@ def contact_sheet(panels: np.ndarray, columns: int = 8) -> np.ndarray:
     return np.concatenate(strips, axis=1)
 
 
-def ground_truth_frames(driving_video: str | Path, signals, size: tuple[int, int]) -> np.ndarray:
-    """The ground truth of an animation made from ``driving_video``: ``uint8 (F, H, W, 3)``, its
-    frames at ``signals.indices`` (the pipeline's :class:`DrivingSignals`: same start, stride
-    and length), cover-resized and centre-cropped to ``size`` by the decoding the face maps use."""
+def ground_truth_frames(driving_video, indices, size: tuple[int, int]) -> np.ndarray:
+    """The ground truth of an animation made from ``driving_video`` (a path or an open
+    ``VideoFile``): ``uint8 (F, H, W, 3)``, its frames at ``indices`` (the pipeline's
+    ``DrivingSignals.indices``: same start, stride and length), cover-resized and centre-cropped to
+    ``size`` by the decoding the face maps use."""
     from .driving import _decode_fitted
     from .inputs import VideoFile
 
-    return to_uint8(_decode_fitted(VideoFile(driving_video, "driving video"), signals.indices, size), (0, 1))
+    video = driving_video if isinstance(driving_video, VideoFile) else VideoFile(driving_video, "driving video")
+    return to_uint8(_decode_fitted(video, np.asarray(indices), size), (0, 1))
+
+
+def write_ground_truth(out: str | Path, driving_video: str | Path, size: tuple[int, int], stride: int, start: int = 0,
+                       max_frames: int | None = None, fps: float | None = None, pose_video: str | Path | None = None) -> Path:
+    """What ``xdyna-animate --save-ground-truth`` writes, without running a model: the frames
+    ``prepare_driving`` selects (a pose video given beside the driving video bounds the length, as
+    there) at ``fps`` (default: driving fps / stride, the animation's)."""
+    from .driving import select_frames
+    from .inputs import VideoFile
+
+    path = check_output_path(out, "ground-truth output")
+    driving = VideoFile(driving_video, "driving video")
+    count = len(driving) if pose_video is None else min(len(driving), len(VideoFile(pose_video, "pose video")))
+    frames = ground_truth_frames(driving, select_frames(count, stride, max_frames, start), size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes_atomic(path, encode_mp4(frames, fps or driving.fps / stride))
 
 
 @dataclass
@@ -68,15 +86,15 @@ def preview_paths(out: Path) -> tuple[Path, Path]:
     return out.with_suffix(".preview.mp4"), out.with_suffix(".contact.png")
 
 
-def check_output_path(out: str | Path) -> Path:
+def check_output_path(out: str | Path, what: str = "output") -> Path:
     """The output video path: an ``.mp4`` whose folder exists (or can be made), not a folder."""
     path = Path(out).expanduser()
     if path.is_dir():
-        raise InputError(f"output {str(path)!r} is a folder, expected an .mp4 file path")
+        raise InputError(f"{what} {str(path)!r} is a folder, expected an .mp4 file path")
     if path.suffix.lower() != ".mp4":
-        raise InputError(f"output {str(path)!r} must end in .mp4")
+        raise InputError(f"{what} {str(path)!r} must end in .mp4")
     if path.parent.exists() and not path.parent.is_dir():
-        raise InputError(f"output folder {str(path.parent)!r} is a file")
+        raise InputError(f"{what} folder {str(path.parent)!r} is a file")
     return path
 
 
