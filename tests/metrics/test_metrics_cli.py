@@ -122,11 +122,25 @@ def test_two_files_without_weights_compute_what_needs_none_and_name_the_rest(eva
                            "--quiet", "--out", str(tmp_path / "eval")], capsys)
     assert code == 0, err
     notes = err.strip().splitlines()
-    assert len(notes) == 1 and "skipped lpips (vgg16_imagenet)" in notes[0] and "--weights" in notes[0]
+    assert len(notes) == 1 and "skipped lpips (needs weights manifest entry 'vgg16_imagenet')" in notes[0]
+    assert "--weights" in notes[0]
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(report["metrics"]) == {"l1", "psnr", "ssim", "face_det"} and report["skipped"] == {"lpips": ["vgg16_imagenet"]}
+    assert set(report["metrics"]) == {"l1", "psnr", "ssim", "face_det"}
+    assert report["skipped"] == {"lpips": ["weights manifest entry 'vgg16_imagenet'"]}
     assert report["metrics"]["psnr"]["frames"] == 8 and set(report["per_video"]) == {"clip0"}
-    assert "Skipped for want of weights: lpips" in out
+    assert "Skipped: lpips" in out
+
+
+def test_face_metrics_without_facenet_are_skipped_by_default_and_refused_by_name(eval_folders, tmp_path, capsys, monkeypatch):
+    import xdyna.metrics.runner as runner
+
+    monkeypatch.setattr(runner, "_package_available", lambda name: name != "facenet_pytorch")
+    pair = ["--pred", str(eval_folders["pred"] / "clip0.mp4"), "--gt", str(eval_folders["gt"] / "clip0.mp4"), "--quiet"]
+    code, _, err = _run([*pair, "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0 and "face_det (needs the facenet-pytorch package (pip install" in err
+    assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]) == {"l1", "psnr", "ssim"}
+    code, _, err = _run([*pair, "--metrics", "face_det", "--out", str(tmp_path / "eval2")], capsys)
+    assert code == 2 and "--metrics face_det needs the facenet-pytorch package" in err
 
 
 def test_default_metrics_with_a_manifest_include_lpips(eval_folders, tiny_manifest, tmp_path, capsys):
@@ -145,7 +159,7 @@ def test_default_metrics_with_a_manifest_include_lpips(eval_folders, tiny_manife
         ({"--pred": "nowhere.mp4"}, "--pred"),
         ({"--gt": "FOLDER"}, "--gt must both be"),
         ({"--metrics": "psnr,bogus"}, "--metrics"),
-        ({"--metrics": "lpips"}, "--metrics lpips needs 'vgg16_imagenet'"),
+        ({"--metrics": "lpips"}, "--metrics lpips needs weights manifest entry 'vgg16_imagenet'"),
         ({"--metrics": "fg_fid"}, "--metrics fg_fid needs"),
         ({"--weights": "missing.json"}, "--weights"),
         ({"--device": "tpu"}, "--device"),

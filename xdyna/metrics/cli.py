@@ -21,7 +21,8 @@ from .distribution import DISTRIBUTION_METRICS, split_region
 from .face import load_callable
 from .masks import PersonDeepLabSegmenter
 from .report import compare_table, load_run, markdown_table, write_run
-from .runner import ALL_METRICS, DEFAULT_METRICS, METRIC_GROUPS, EvalOptions, evaluate, resolve_metrics, usable_metrics
+from .runner import (ALL_METRICS, DEFAULT_METRICS, METRIC_GROUPS, EvalOptions, evaluate, metric_weights, resolve_metrics,
+                     usable_metrics)
 from .sources import EvalInputError, pair_videos
 from .weights import WEIGHT_SOURCES, WeightsError, WeightsManifest, verified_weights
 
@@ -58,16 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _needs_weights(flag: str, metric: str, entries: list[str]) -> str:
+def _needs(flag: str, metric: str, needs: list[str], entries: tuple[str, ...] = ()) -> str:
+    """``flag metric needs ...``, with where each listed weight file comes from."""
     where = "; ".join(f"{e}: {WEIGHT_SOURCES[e].where_from}" for e in entries if e in WEIGHT_SOURCES)
-    return (f"{flag} {metric} needs {', '.join(repr(e) for e in entries)} in the --weights manifest (docs/metrics.md)"
-            + (f"; {where}" if where else ""))
+    return f"{flag} {metric} needs {', '.join(needs)} (docs/metrics.md)" + (f"; {where}" if where else "")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Every rule on the arguments, checked before any video is decoded or backbone built: the
     first broken one raises an error naming the flag. Sets ``args.manifest``, ``args.metric_list``
-    and ``args.skipped`` (default metrics left out for want of weights)."""
+    and ``args.skipped`` (default metrics left out for want of weights or packages)."""
 
     def need(condition: bool, message: str) -> None:
         if not condition:
@@ -98,14 +99,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise EvalInputError(f"--metrics: {error}") from None
     args.metric_list, args.skipped = usable_metrics(requested, args.manifest)
     if args.metrics is not None and args.skipped:
-        metric, entries = next(iter(args.skipped.items()))
-        raise EvalInputError(_needs_weights("--metrics", metric, entries))
+        metric, needs = next(iter(args.skipped.items()))
+        raise EvalInputError(_needs("--metrics", metric, needs, metric_weights(metric)))
     need("face_exp" not in args.metric_list or args.face_exp_backend,
          "--metrics face_exp needs --face-exp-backend module:callable (none ships: X-Dyna's expression model is unpublished)")
     regional = [m for m in args.metric_list if m in DISTRIBUTION_METRICS and split_region(m)[0] != "full"]
     need(not regional or args.masks or args.segmenter, f"--metrics {regional[0] if regional else ''} needs --masks or --segmenter")
     need(args.segmenter != "deeplabv3" or "deeplabv3_person" in args.manifest,
-         _needs_weights("--segmenter", "deeplabv3", ["deeplabv3_person"]))
+         _needs("--segmenter", "deeplabv3", ["weights manifest entry 'deeplabv3_person'"], ("deeplabv3_person",)))
 
 
 def _prepare_gt_parser() -> argparse.ArgumentParser:
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             print(compare_table(run_a, run_b, str(args.compare[0]), str(args.compare[1])), end="")
             return 0
         if args.skipped:
-            left_out = ", ".join(f"{m} ({'/'.join(e)})" for m, e in args.skipped.items())
-            print(f"{PROG}: skipped {left_out}: no weights listed for them; add them to a --weights manifest "
-                  "(docs/metrics.md) or choose --metrics", file=sys.stderr)
+            left_out = ", ".join(f"{m} (needs {' and '.join(n)})" for m, n in args.skipped.items())
+            print(f"{PROG}: skipped {left_out}; --weights MANIFEST lists weight files (docs/metrics.md), "
+                  "--metrics names the metrics to require", file=sys.stderr)
         manifest = args.manifest
         segmenter = None
         if args.segmenter == "deeplabv3":

@@ -63,8 +63,8 @@ def markdown_table(report: dict) -> str:
     lines.append("")
     lines.append(f"{protocol['videos']} videos, {protocol['frames']} frames; clips of {protocol['clip_frames']} frames.")
     if report.get("skipped"):
-        left_out = ", ".join(f"{m} (needs {'/'.join(e)})" for m, e in report["skipped"].items())
-        lines.append(f"Skipped for want of weights: {left_out}; list them in a --weights manifest (docs/metrics.md).")
+        left_out = ", ".join(f"{m} (needs {' and '.join(n)})" for m, n in report["skipped"].items())
+        lines.append(f"Skipped: {left_out}.")
     return "\n".join(lines) + "\n"
 
 

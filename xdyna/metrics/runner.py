@@ -33,7 +33,7 @@ METRIC_GROUPS = {
 }
 
 
-# What xdyna-eval computes without --metrics: of these, the ones whose weights are at hand.
+# What xdyna-eval computes without --metrics: of these, the ones whose weights and packages are at hand.
 DEFAULT_METRICS = ("cheap",)
 
 
@@ -49,11 +49,30 @@ def metric_weights(metric: str) -> tuple[str, ...]:
     return ()
 
 
+# An optional dependency (pyproject's ``faces`` extra): MTCNN, with its weights inside the wheel.
+FACE_PACKAGE = "facenet_pytorch"
+FACE_PACKAGE_HINT = "the facenet-pytorch package (pip install --no-deps 'facenet-pytorch>=2.6,<2.7')"
+
+
+def _package_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def missing_requirements(metric: str, manifest: WeightsManifest) -> list[str]:
+    """What ``metric`` lacks to run here, each as a phrase naming how to supply it; [] if nothing."""
+    needs = [f"weights manifest entry {name!r}" for name in metric_weights(metric) if name not in manifest]
+    if metric in FACE_METRICS and not _package_available(FACE_PACKAGE):
+        needs.append(FACE_PACKAGE_HINT)
+    return needs
+
+
 def usable_metrics(metrics: Sequence[str], manifest: WeightsManifest) -> tuple[list[str], dict[str, list[str]]]:
-    """``(metrics whose weight entries the manifest lists, {skipped metric: missing entries})``."""
+    """``(metrics that can run here, {skipped metric: what it lacks})`` (see :func:`missing_requirements`)."""
     usable, skipped = [], {}
     for metric in metrics:
-        missing = [name for name in metric_weights(metric) if name not in manifest]
+        missing = missing_requirements(metric, manifest)
         if missing:
             skipped[metric] = missing
         else:
