@@ -229,6 +229,21 @@ def test_cuda_without_a_gpu_is_refused_up_front(tmp_path, driving_files, capsys,
     assert "--device cuda but no CUDA device" in capsys.readouterr().err
 
 
+def test_faces_without_facenet_are_refused_up_front_unless_no_face(tmp_path, driving_files, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch" else real_find_spec(name, *a))
+    _no_model_building(monkeypatch)
+    argv = [*TINY, "--reference", str(driving_files["reference"]), "--driving", str(driving_files["driving"]),
+            "--pose-video", str(driving_files["pose"]), "--out", str(tmp_path / "o.mp4")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "facenet-pytorch" in err[0] and "--no-face" in err[0]
+    with pytest.raises(AssertionError, match="a model was built"):  # --no-face: the checks pass, building starts
+        main([*argv, "--no-face"])
+
+
 def test_debug_shows_the_traceback(tmp_path, driving_files, monkeypatch):
     from xdyna.pipelines.checks import InputError
 

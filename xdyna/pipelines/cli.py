@@ -240,6 +240,31 @@ def check_args(args: argparse.Namespace) -> None:
              f"--model {args.model} alone has no weights: give a model YAML with pretrained paths, --checkpoint or --pretrained")
         args.weights_kind = "config"
 
+    # The default face detector is an optional dependency: say so now, not after the model is built.
+    faces_wanted = not args.no_face and (args.driving or args.face) and args.face_detector == "mtcnn"
+    if faces_wanted and _model_face(args) == "sface":
+        import importlib.util
+
+        need(importlib.util.find_spec("facenet_pytorch") is not None,
+             "--face-detector mtcnn (faces from --driving/--face) needs facenet-pytorch: "
+             "pip install --no-deps 'facenet-pytorch>=2.6,<2.7', or animate without the face condition with --no-face")
+
+
+def _model_face(args: argparse.Namespace) -> str:
+    """The ``face`` setting of the model the weight options name, where it is known without
+    building it; ``sface`` (the default) where it is not (a checkpoint's config is inside it)."""
+    import json
+
+    from .pipeline import PIPELINE_FILE
+
+    config = args.export_config or args.model_config
+    if config is None and args.weights_kind == "pipeline":
+        try:
+            config = json.loads((Path(args.pretrained).expanduser() / PIPELINE_FILE).read_text()).get("model_config")
+        except (OSError, ValueError, AttributeError):
+            config = None
+    return str(config.get("face", "sface")) if isinstance(config, dict) else "sface"
+
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline the weight options name, after :func:`check_args`."""
