@@ -391,13 +391,19 @@ def test_mtcnn_pack_with_two_workers_finishes(tmp_path):
     for index in range(2):
         _write_clip(folder, f"clip{index}", seed=index, frames=40)
     # The command's process runs MTCNN itself first: torch state in the parent, as at the hang.
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from datapipes.facetrack import load_face_model; import numpy as np; "
          "load_face_model('mtcnn')(np.zeros((2, 64, 64, 3), np.uint8)); from tools.xdyna_data import main; "
          "sys.exit(main(sys.argv[1:]))",
          "pack", str(folder), "--out", str(out), "--workers", "2", "--face-detector", "mtcnn"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+        cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)  # a hang fails here (it took ~10 s of CPU)
+    finally:
+        if process.poll() is None:  # the hung workers too, not only the command
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, stderr[-2000:]
     reader = shards.TarSampleReader(shards.expand_shard_urls(str(out)))
     samples = list(reader.iter_shard(0))
     assert [sample.key for sample in samples] == ["clip0", "clip1"]
