@@ -502,12 +502,14 @@ class _WorkerPool:
                     done[message[0]], slot.job = message[1], None
                 elif slot.process.sentinel in ready or slot.connection in ready:
                     slot.process.join(timeout=5)
-                    if slot.job is None:
+                    if not slot.ready:  # it never started: replacing it would fail the same way
                         raise RuntimeError(f"a pack worker process stopped before its first input "
                                            f"({_exit_text(slot.process.exitcode)})")
-                    done[slot.job] = (items[slot.job], None, f"the worker process died while packing it "
-                                      f"({_exit_text(slot.process.exitcode)}): a crash in a decoder or model", [])
-                    slot.job = None
+                    if slot.job is not None:
+                        done[slot.job] = (items[slot.job], None, f"the worker process died while packing it "
+                                          f"({_exit_text(slot.process.exitcode)}): a crash in a decoder or model",
+                                          [])
+                        slot.job = None
                     self._replace(slot, needed=next_in < len(items))
                 elif timeout and slot.job is not None and time.monotonic() - slot.started > timeout:
                     done[slot.job] = (items[slot.job], None, f"took longer than {timeout:g} s (--item-timeout); "

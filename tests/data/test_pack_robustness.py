@@ -5,6 +5,7 @@ crashes, hangs or loses one: every input ends packed or quarantined with a reaso
 counts add up."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -303,18 +304,34 @@ class MisbehavingFaces:
         return [None] * len(frames)
 
 
-PLUGIN = "tests.data.test_pack_robustness:MisbehavingFaces"  # importable from the repository root
+PLUGIN_MODULE = "xdyna_pack_test_faces"
+PLUGIN = f"{PLUGIN_MODULE}:MisbehavingFaces"
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch) -> str:
+    """:class:`MisbehavingFaces` as a module of its own on the path of this process, of the
+    workers it spawns (they inherit ``sys.path``) and of commands it runs (``PYTHONPATH``); not
+    imported as ``tests.data...``, a name some installed packages shadow."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    source = "import os, signal, time\nfrom pathlib import Path\n\nMARKER_ENV = %r\n\n\n%s" % (
+        MARKER_ENV, inspect.getsource(MisbehavingFaces))
+    (folder / f"{PLUGIN_MODULE}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    return PLUGIN
 
 
 @pytest.mark.slow
-def test_a_crashing_or_hanging_worker_costs_one_input(tmp_path, monkeypatch):
+def test_a_crashing_or_hanging_worker_costs_one_input(tmp_path, monkeypatch, plugin):
     monkeypatch.setenv(MARKER_ENV, str(tmp_path / "marker"))
     folder = tmp_path / "in"
     folder.mkdir()
     _write_clip(folder, "a_hangs", seed=0, width=96)
     _write_clip(folder, "b_crashes", seed=1, height=48)
     _write_clip(folder, "c_fine", seed=2)
-    options = PackOptions(Rules(min_frames=8, min_height=32), face_detector=PLUGIN, item_timeout=2)
+    options = PackOptions(Rules(min_frames=8, min_height=32), face_detector=plugin, item_timeout=2)
     summary = pack(items_from_folder(str(folder)), str(tmp_path / "out"), options, workers=2)
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert summary.accepted == 1 and summary.warnings == {"no face": ["c_fine"]}
@@ -346,7 +363,7 @@ def _descendants(pid: int) -> set[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
-def test_a_stopped_pack_leaves_no_worker_and_no_partial_shard(tmp_path, stop):
+def test_a_stopped_pack_leaves_no_worker_and_no_partial_shard(tmp_path, stop, plugin):
     folder, out, marker = tmp_path / "in", tmp_path / "out", tmp_path / "marker"
     folder.mkdir()
     clip = _write_clip(folder, "a_done", seed=0)   # has a face track: packed without the detector
@@ -354,7 +371,7 @@ def test_a_stopped_pack_leaves_no_worker_and_no_partial_shard(tmp_path, stop):
     _write_clip(folder, "b_blocks", seed=1, width=96)
     process = subprocess.Popen(
         [sys.executable, "-m", "tools.xdyna_data", "pack", str(folder), "--out", str(out), "--workers", "2",
-         "--min-frames", "8", "--face-detector", PLUGIN, "--log-every", "0"],
+         "--min-frames", "8", "--face-detector", plugin, "--log-every", "0"],
         cwd=REPO, env=dict(os.environ, **{MARKER_ENV: str(marker)}), stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
