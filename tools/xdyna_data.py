@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt as interrupt:  # datapipes.pack.PackInterrupted too (Ctrl-C, SIGTERM)
         signum = getattr(interrupt, "signum", 2)
-        print(f"xdyna-data {args.command}: {interrupt or 'interrupted'}; workers stopped, no partial shard "
-              f"published", file=sys.stderr)
+        cleaned = "; workers stopped, no partial shard published" if args.command == "pack" else ""
+        print(f"xdyna-data {args.command}: {interrupt or 'interrupted'}{cleaned}", file=sys.stderr)
         return 128 + signum
     except (OSError, ValueError, ImportError, RuntimeError) as error:
         if os.environ.get("XDYNA_DEBUG"):
