@@ -13,7 +13,8 @@ import torch
 BIN = Path(sys.executable).parent
 
 
-def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+# A guard against a hung run only: on a loaded 2-core machine a tiny run can take minutes.
+def run(args: list[str], cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     env.pop("XDYNA_RUN_ID", None)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -6,6 +6,12 @@ import time
 from pathlib import Path
 
 ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+# Guards against a hung job, not expectations of speed: on a loaded 2-core machine one attempt of
+# the tiny 6-step job can take many minutes. The jobs' own SLURM time limit (JOB_TIME_LIMIT_MIN)
+# lies beyond them, so SLURM's end-of-time signal (--signal=SIGUSR1@90) never preempts a test job
+# a second time.
+JOB_TIMEOUT_S = 1800
+JOB_TIME_LIMIT_MIN = 60
 
 
 def tail(path: Path, lines: int = 60) -> str:

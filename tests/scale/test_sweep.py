@@ -15,12 +15,12 @@ from xdyna.train import checkpointing
 from xdyna.train.cli import sweep_job_run_id
 from xdyna.train.export import read_checkpoint
 
-from .slurm_jobs import ENDED_BADLY, diagnose, release_requeue_hold, restarts, tail, wait_for
+from .slurm_jobs import (ENDED_BADLY, JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnose, release_requeue_hold, restarts,
+                         tail, wait_for)
 from .tiny_run import BIN, clean_env, tiny_overrides
 
 MAX_STEPS = 6
 STEP_SLEEP_S = 2
-JOB_TIMEOUT_S = 420
 
 
 def test_sweep_job_run_id_is_stable_and_distinct():
@@ -37,9 +37,9 @@ def test_sweep_jobs_train_apart_and_a_preempted_one_resumes_before_the_sweep_ret
     root = tmp_path / "runs"
     sweep_log = tmp_path / "sweep.log"
     sweep = subprocess.Popen(
-        [str(BIN / "xdyna-train"), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=15",
+        [str(BIN / "xdyna-train"), "-m", "hydra/launcher=submitit_slurm", f"hydra.launcher.timeout_min={JOB_TIME_LIMIT_MIN}",
          "hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=1",
-         *tiny_overrides(shards, root, "sweep", MAX_STEPS), "trainer/strategy=auto",
+         *tiny_overrides(shards, root, "sweep", MAX_STEPS, strategy="auto"),
          f"debug.step_sleep_s={STEP_SLEEP_S}", "seed=0,1"],
         cwd=tmp_path, env=clean_env(slurm_cluster.env), stdout=sweep_log.open("w"), stderr=subprocess.STDOUT,
     )

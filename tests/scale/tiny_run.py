@@ -10,18 +10,33 @@ BIN = Path(sys.executable).parent
 # Resumed and never-stopped runs do the same float32 math in the same order on the same ranks,
 # so weights agree to rounding; 1e-6 absolute leaves room for nothing else.
 WEIGHT_ATOL = 1e-6
+# The learning rate of these runs, warming up over TINY_WARMUP_STEPS: AdamW moves a weight by
+# about the step's learning rate (2.5e-4 and more here), far beyond WEIGHT_ATOL, so one step on
+# a wrong batch, noise draw or learning rate shows. Stage 1's own (1e-5 over 500 warm-up steps)
+# moves weights by 2e-8 per early step: any of those mistakes would pass under 1e-6.
+TINY_LR = 1e-3
+TINY_WARMUP_STEPS = 4
 
 
-def tiny_overrides(shards: Path, root: Path, run_id: str, max_steps: int) -> list[str]:
-    """xdyna-train overrides of a tiny stage-1 run: ZeRO-2 on the CPU/gloo DeepSpeed path, fp32,
-    a checkpoint every 2 steps (all kept), one-step sample rendering. No device/node counts:
-    each caller sets those (locally ``trainer.devices=2``, under SLURM the launcher does)."""
+def tiny_overrides(shards: Path, root: Path, run_id: str, max_steps: int, every_n_steps: int = 2,
+                   strategy: str = "deepspeed_cpu_zero2") -> list[str]:
+    """xdyna-train overrides of a tiny stage-1 run: ZeRO-2 on the CPU/gloo DeepSpeed path (or
+    ``strategy``), fp32, a checkpoint every ``every_n_steps`` steps (all kept), one-step sample
+    rendering. No device/node counts: each caller sets those (locally ``trainer.devices=2``,
+    under SLURM the launcher does)."""
     return ["model=tiny", "data=synthetic", "stage=stage1", "logger=none",
             f"data.shards={shards}", "data.num_frames=4", "data.batch_size=1",
             f"run.root={root}", f"run.id={run_id}", f"trainer.max_steps={max_steps}",
-            "trainer/strategy=deepspeed_cpu_zero2", "trainer.precision=32-true",
-            "checkpoint.every_n_steps=2", "checkpoint.keep=0",
+            f"trainer/strategy={strategy}", "trainer.precision=32-true",
+            f"stage.optim.lr={TINY_LR}", f"stage.optim.warmup_steps={TINY_WARMUP_STEPS}",
+            f"checkpoint.every_n_steps={every_n_steps}", "checkpoint.keep=0",
             "samples.num_inference_steps=1", "samples.max_samples=1"]
+
+
+def max_weight_difference(expected: dict, got: dict) -> float:
+    """Largest absolute difference between two weight dicts with the same (non-empty) key set."""
+    assert expected and expected.keys() == got.keys(), sorted(set(expected) ^ set(got))[:5]
+    return max((expected[k].float() - got[k].float()).abs().max().item() for k in expected)
 
 
 def clean_env(base: dict | None = None) -> dict:
