@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_common import debug_requested
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -255,7 +257,7 @@ def _task(cfg) -> None:
     try:
         outputs = run_training(cfg, preemption_signals)
     except (XDynaUserError, FileNotFoundError) as error:
-        if debug_enabled():
+        if debug_requested():
             raise
         raise user_error(str(error)) from None
     if outputs["preempted_at"] is not None and preemption_signals.interrupted:
@@ -266,11 +268,6 @@ def _task(cfg) -> None:
         # without one (SystemExit passes through Hydra and submitit), so the sweeping process
         # waits for the restarted job's result.
         raise SystemExit(0)
-
-
-def debug_enabled() -> bool:
-    """``--debug`` or ``XDYNA_DEBUG=1``: errors keep their traceback."""
-    return bool(os.environ.get("XDYNA_DEBUG"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,14 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(_task)()
     except Exception as error:
-        message = None if debug_enabled() else describe_config_error(error, [a for a in argv if not a.startswith("-")])
+        message = None if debug_requested() else describe_config_error(error, [a for a in argv if not a.startswith("-")])
         if message is None:
             raise
         raise user_error(message) from None
     except KeyboardInterrupt:
         # A Ctrl-C outside the training steps (loading, building, exporting): no step to save
         # there, and no traceback either.
-        if debug_enabled():
+        if debug_requested():
             raise
         print("xdyna-train: interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None
