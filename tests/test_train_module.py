@@ -53,8 +53,9 @@ def test_overfit_one_fixed_batch_lowers_the_loss(make_batch):
     optimizer = module.configure_optimizers()["optimizer"]
     batch = make_batch(batch=1, frames=2)
     losses = []
+    start = module.objective_rng_state()
     for _ in range(25):
-        torch.manual_seed(0)  # same VAE sample, noise and timestep every step: one fixed problem
+        module.load_objective_rng_state(start)  # same VAE sample, noise and timestep every step: one fixed problem
         loss = module.diffusion_loss(batch)
         optimizer.zero_grad()
         loss.backward()
@@ -125,3 +126,41 @@ def test_image_prompt_models_train_and_sample(model_overrides, trainable, make_b
     assert all(p.grad is not None for name in trainable for _, p in groups[name])
     video = sample_clip(module.model, batch["reference"], batch["pose"], num_inference_steps=2)
     assert video.shape == batch["video"].shape and torch.isfinite(video).all()
+
+
+def test_non_finite_loss_names_the_first_module_that_went_non_finite(make_batch):
+    from xdyna.train.module import NonFiniteLossError
+
+    module = XDynaTrainingModule(model=tiny_model_config(), stage=stage_config("stage1"))
+    batch = make_batch(batch=1, frames=2, face=False)
+    culprit_name = "unet.down_blocks.0.resnets.0.conv1"
+    culprit = module.model.get_submodule(culprit_name)
+    calls = []
+
+    def poison(m, args, output):
+        calls.append(1)
+        return output * float("nan")
+
+    handle = culprit.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"first non-finite output: " + culprit_name.replace(".", r"\.") + r" \(Conv2d\)"):
+        module.training_step(batch, 0)
+    handle.remove()
+
+    # Only the first pass goes wrong (the step ran the module as often as its replay did): the
+    # replay says the source is not deterministic.
+    per_pass = len(calls) // 2
+    seen = []
+
+    def poison_first_pass(m, args, output):
+        seen.append(1)
+        return output * float("nan") if len(seen) <= per_pass else None
+
+    handle = culprit.register_forward_hook(poison_first_pass)
+    with pytest.raises(NonFiniteLossError, match="not reproduced by a replay"):
+        module.training_step(batch, 0)
+    handle.remove()
+
+    bad = dict(batch, pose=batch["pose"].clone())
+    bad["pose"][0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="the batch's 'pose' already holds NaN/inf"):
+        module.training_step(bad, 0)

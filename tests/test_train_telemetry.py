@@ -12,8 +12,8 @@ import torch
 import pytest
 from torch.utils.data import DataLoader
 
-from test_train_cli import shards, train  # noqa: F401  (module-scoped synthetic shards fixture)
-from test_train_module import stage_config, tiny_model_config
+from tests.test_train_cli import shards, train  # noqa: F401  (module-scoped synthetic shards fixture)
+from tests.test_train_module import stage_config, tiny_model_config
 from xdyna.train.module import NonFiniteLossError, XDynaTrainingModule
 from xdyna.train.telemetry import mfu
 

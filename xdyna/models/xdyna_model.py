@@ -149,21 +149,22 @@ class XDynaModel(nn.Module):
 
     # ------------------------------------------------------------------ VAE
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, sample_posterior: bool = True) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(N, 3, H, W)`` in [-1, 1] -> scaled latents ``(N, 4, H/8, W/8)``.
 
-        Training samples the VAE posterior (as SD training does); inference takes its mode.
+        Training samples the VAE posterior (as SD training does) from ``generator`` (the global one
+        when None); inference takes its mode.
         """
         latents = []
         for chunk in images.split(self.config.vae_chunk_size):
             posterior = self.vae.encode(chunk.to(self.vae.dtype)).latent_dist
-            latents.append(posterior.sample() if sample_posterior else posterior.mode())
+            latents.append(posterior.sample(generator=generator) if sample_posterior else posterior.mode())
         return torch.cat(latents) * self.vae_scale
 
-    def encode_video(self, video: torch.Tensor, sample_posterior: bool = True) -> torch.Tensor:
+    def encode_video(self, video: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, F, 3, H, W)`` -> ``(B, F, 4, h, w)``."""
         batch, frames = video.shape[:2]
-        return self.encode_images(video.flatten(0, 1), sample_posterior).unflatten(0, (batch, frames))
+        return self.encode_images(video.flatten(0, 1), sample_posterior, generator).unflatten(0, (batch, frames))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

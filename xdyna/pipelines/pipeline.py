@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from datapipes.atomic import save_safetensors, write_bytes_atomic
 
+from ..cpu_numerics import guarded
 from ..diffusion import sampling_scheduler
 from ..models import ModelConfig, XDynaModel, build_model
 from ..models.flavours import get_flavour
@@ -418,6 +419,7 @@ class XDynaPipeline:
             if face.shape[:2] != pose.shape[:2] or face.shape[2] != 6 or face.shape[-2:] != pose.shape[-2:]:
                 raise InputError(f"face maps {tuple(face.shape)} must be (F, 6, H, W) matching pose {tuple(pose.shape)}")
 
+    @guarded  # bf16 on the CPU runs without oneDNN's broken AMX kernel (xdyna.cpu_numerics)
     @torch.no_grad()
     def __call__(
         self,

@@ -97,7 +97,8 @@ def set_rng_states(states: dict) -> None:
 
 
 class RandomStateCheckpoint(L.Callback):
-    """Carries every rank's RNG states (python, numpy, torch, CUDA) through checkpoints.
+    """Carries every rank's RNG states (python, numpy, torch, CUDA, and the module's per-rank
+    objective generator, :mod:`xdyna.train.rank_rng`) through checkpoints.
 
     Only rank 0's checkpoint dict reaches disk (DDP and DeepSpeed alike), so ``state_dict``
     gathers all ranks' states. They are applied at the first training batch after a resume, not
@@ -107,9 +108,19 @@ class RandomStateCheckpoint(L.Callback):
 
     def __init__(self) -> None:
         self._pending: dict | None = None
+        self._module = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._module = pl_module
+
+    def _collect(self) -> dict:
+        states = collect_rng_states()
+        if self._module is not None and hasattr(self._module, "objective_rng_state"):
+            states["objective"] = self._module.objective_rng_state()
+        return states
 
     def state_dict(self) -> dict:
-        states = collect_rng_states()
+        states = self._collect()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
@@ -125,8 +136,12 @@ class RandomStateCheckpoint(L.Callback):
         ranks = self._pending["ranks"]
         self._pending = None
         if len(ranks) != trainer.world_size:
-            # A different world size: no sensible mapping of streams to ranks; stay on the fresh seeds.
+            # A different world size: no sensible mapping of streams to ranks; every rank stays on
+            # the streams freshly derived from (seed, its new rank).
             log.warning("checkpoint holds RNG states of %d ranks, this run has %d: not restored",
                         len(ranks), trainer.world_size)
             return
-        set_rng_states(ranks[trainer.global_rank])
+        mine = ranks[trainer.global_rank]
+        set_rng_states(mine)
+        if "objective" in mine and hasattr(pl_module, "load_objective_rng_state"):
+            pl_module.load_objective_rng_state(mine["objective"])

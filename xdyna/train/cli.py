@@ -169,7 +169,7 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         resume=cfg.run.resume,
         preemption_signals=preemption_signals,
     )
-    module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg)
+    module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     samples = SampleVideoCallback(
         every_n_steps=cfg.samples.every_n_steps,

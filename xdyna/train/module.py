@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError, XDynaUserError
 from ..diffusion import add_noise, sample_timesteps, training_scheduler
 from .batches import to_float_batch
+from .nonfinite import first_non_finite
+from .rank_rng import rank_generator
 from ..models.loading import mismatch_problems
 from ..models import ModelConfig, XDynaModel, build_model
 
@@ -32,9 +34,13 @@ class XDynaTrainingModule(L.LightningModule):
     folders), so ``strict_loading`` is off and :meth:`on_load_checkpoint` checks keys itself.
     """
 
-    def __init__(self, model: Mapping[str, Any], stage: Mapping[str, Any]):
+    def __init__(self, model: Mapping[str, Any], stage: Mapping[str, Any], seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        # Seeds this rank's objective stream (see :mod:`xdyna.train.rank_rng`); the generator is
+        # made on first use, once the rank and device are known.
+        self.seed = int(seed)
+        self._objective_generator: torch.Generator | None = None
         self.model_config = ModelConfig.from_mapping(model)
         self.trainable_components = list(stage["trainable"])
         self.conditions = list(stage.get("conditions", ["pose"]))
@@ -50,13 +56,34 @@ class XDynaTrainingModule(L.LightningModule):
         self.strict_loading = False
 
     # ------------------------------------------------------------------ objective
+    def objective_generator(self) -> torch.Generator:
+        """This rank's generator for every random draw of the objective: seeded from (seed, global
+        rank), so ranks draw different noise and timesteps while model init stays identical."""
+        device = self.device if self.device.type != "cpu" else torch.device("cpu")  # cpu:<local rank> on the DeepSpeed CPU path
+        if self._objective_generator is None or self._objective_generator.device != device:
+            self._objective_generator = rank_generator(self.seed, self.global_rank, device)
+        return self._objective_generator
+
+    def objective_rng_state(self) -> torch.Tensor:
+        return self.objective_generator().get_state()
+
+    def load_objective_rng_state(self, state: torch.Tensor) -> None:
+        self.objective_generator().set_state(state)
+
+    def draw_noise_and_timesteps(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise like ``latents (B, F, C, h, w)`` and one timestep per sample, from this rank's stream."""
+        generator = self.objective_generator()
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=latents.dtype)
+        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler, generator=generator, device=generator.device)
+        return noise.to(latents.device), timesteps.to(latents.device)
+
     def diffusion_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         batch = to_float_batch(batch)
+        generator = self.objective_generator()
         video = batch["video"]
-        latents = self.model.encode_video(video)
-        reference_latents = self.model.encode_images(batch["reference"])
-        noise = torch.randn_like(latents)
-        timesteps = sample_timesteps(latents.shape[0], self.noise_scheduler, device=latents.device)
+        latents = self.model.encode_video(video, generator=generator)
+        reference_latents = self.model.encode_images(batch["reference"], generator=generator)
+        noise, timesteps = self.draw_noise_and_timesteps(latents)
         noisy = add_noise(self.noise_scheduler, latents, noise, timesteps)
         pose = batch["pose"] if "pose" in self.conditions else None
         face = None
@@ -68,30 +95,42 @@ class XDynaTrainingModule(L.LightningModule):
         # sample so the unconditional branch of classifier-free guidance is trained too.
         image_prompt = None
         if self.model.image_prompt is not None:
-            image_prompt = self.model.encode_image_prompt_for_training(batch["reference"])
+            image_prompt = self.model.encode_image_prompt_for_training(batch["reference"], generator=generator)
         prediction = self.model(noisy, timesteps, reference_latents, pose, face, image_prompt=image_prompt)
         # The clean reference is not part of the prediction: the loss covers generated frames only.
         return F.mse_loss(prediction.float(), noise.float())
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        # Kept so that a non-finite loss can be replayed with the same draws to find its source.
+        rng_state = self.objective_rng_state()
         loss = self.diffusion_loss(batch)
-        self.check_finite(loss, batch)
+        self.check_finite(loss, batch, rng_state)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
         return loss
 
-    def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any]) -> None:
+    def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any], rng_state: torch.Tensor | None = None) -> None:
         """Stop on a NaN/inf loss, on every rank at once: ranks agree through one all-reduce, so
         none is left waiting in the backward's collectives for a rank that has raised. (One
-        scalar and one host sync per step: negligible beside a diffusion training step.)"""
+        scalar and one host sync per step: negligible beside a diffusion training step.)
+
+        Before stopping, every rank replays the step's forward pass with the same random draws and
+        names the first module whose output went non-finite (all ranks replay, so that the
+        collectives of a sharded model stay matched)."""
         bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
-            keys = list(batch.get("__key__", []))[:4]
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.global_step} (rank {self.global_rank}, samples {keys}); "
-                "stopped: lower stage.optim.lr or check the data; resume continues from the last checkpoint"
-            )
+        if not bad.item():
+            return
+        keys = list(batch.get("__key__", []))[:4]
+        if rng_state is not None:
+            self.load_objective_rng_state(rng_state)
+        source = first_non_finite(self.model, lambda: self.diffusion_loss(batch), inputs=to_float_batch(batch))
+        where = f"rank {self.global_rank}, samples {keys}"
+        if not torch.isfinite(loss.detach()).all():
+            message = f"non-finite loss ({loss.item()}) at step {self.global_step} ({where}); {source}"
+        else:
+            message = f"non-finite loss on another rank at step {self.global_step}; this rank ({where}): {source}"
+        raise NonFiniteLossError(message + "; resume continues from the last checkpoint")
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from xdyna.cpu_numerics import disable_onednn_for_cpu_bf16
 from xdyna.train import checkpointing
 from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, StepCheckpoints
 from xdyna.train.preemption import PreemptionHandler
@@ -65,6 +66,10 @@ def build_scaleout(
         # Our PreemptionHandler owns requeue; Lightning's would save inside the signal handler.
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer_kwargs["strategy"] = strategy
+    if str(trainer_kwargs.get("accelerator", "auto")) == "cpu":
+        # Every process of the run calls this (DDP children and SLURM tasks build their own
+        # Trainer): CPU bf16 is computed without oneDNN's broken AMX kernel, see xdyna.cpu_numerics.
+        disable_onednn_for_cpu_bf16("cpu", str(trainer_kwargs.get("precision", "32-true")))
     if plugins:
         trainer_kwargs["plugins"] = plugins
 
