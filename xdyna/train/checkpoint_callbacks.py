@@ -29,7 +29,7 @@ def save_step_checkpoint(trainer: L.Trainer, checkpoint_dir: str | os.PathLike) 
     # Every rank must take the same branch: rank 0 decides.
     exists = trainer.strategy.broadcast(checkpointing.is_complete(path))
     if not exists:
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state (Lightning logs a line when unset)
     return path
 
 
