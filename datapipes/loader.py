@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -362,6 +363,11 @@ class _ClipDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        if info is not None:
+            # Ctrl-C reaches the whole foreground process group. The main process turns it into
+            # "save the finished step, then stop" and shuts its workers down itself; a worker
+            # dying of it first would crash that step instead.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         slot = 0 if info is None else info.id
         plan = self.plan
         workers = plan.num_workers

@@ -242,3 +242,20 @@ def test_bad_face_reenactor_is_rejected_naming_it(portrait_shards, target, messa
 def test_face_reenactor_without_face_maps_is_a_config_error(portrait_shards):
     with pytest.raises(ValueError, match="with_face is false"):
         build_clip_loader(loader_config(portrait_shards, face_reenactor="tests.data.reenactors:constant_face"), 0, 1)
+
+
+def test_loader_workers_ignore_ctrl_c_so_the_main_process_can_save_the_step(portrait_shards):
+    """Ctrl-C reaches every process of the terminal's foreground group; the training process saves
+    the finished step and stops its workers itself, so a worker must not die of it first."""
+    import multiprocessing
+    import os
+    import signal
+
+    loader = build_clip_loader(loader_config(portrait_shards, num_workers=2, batches_per_epoch=6), 0, 1)
+    batches = iter(loader)
+    next(batches), next(batches)  # one batch from each worker (round robin): both are iterating
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    assert len(list(batches)) == 4  # without the fix: "DataLoader worker ... exited unexpectedly"
