@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from xdyna.errors import XDynaUserError
     from xdyna.models.info import describe_job
+    from xdyna.train.hydra_errors import describe_config_error
 
     try:
         cfg = compose(args.overrides)
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             precision=str(args.precision or cfg.trainer.get("precision", "32")),
         )
     except (XDynaUserError, HydraException, OmegaConfBaseException) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # The same one line as xdyna-train for a bad override (the option or key, the choices).
+        message = describe_config_error(error, args.overrides)
+        if message is None:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"xdyna-info: error: {message}", file=sys.stderr)
         return 2
     report["overrides"] = list(args.overrides)

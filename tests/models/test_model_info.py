@@ -47,4 +47,10 @@ def test_xdyna_info_reports_config_errors_in_one_line(capsys):
     assert xdyna_info(["model=tiny", "stage=stage1", "model/reference=reference_net"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("xdyna-info: error: trainable component(s) ['dynamics_adapter'] are switched off") and "\n" not in error
+    capsys.readouterr()
     assert xdyna_info(["model=nonexistent"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("xdyna-info: error: model=nonexistent: no such option") and "sd15, tiny" in error and "\n" not in error
+    assert xdyna_info(["model.flavor=tiny"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "model has no key 'flavor' (did you mean flavour?)" in error and "\n" not in error
