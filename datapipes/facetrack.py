@@ -17,7 +17,7 @@ from PIL import Image
 
 from datapipes.face import FaceFrame, face_track_to_json
 from datapipes.onnx_session import load_onnx_session
-from datapipes.video import open_video
+from datapipes.video import open_video, read_frames
 
 
 class LandmarkModel(Protocol):
@@ -171,6 +171,7 @@ def detect_face_track(video: bytes, name: str, detector: str | LandmarkModel = "
     faces: list[FaceFrame | None] = [None] * count
     for start in range(0, len(wanted), chunk):
         part = wanted[start:start + chunk]
-        for index, face in zip(part, model(reader.get_batch(part).asnumpy())):
+        # read_frames: decoder errors as VideoDecodeError, widths decord cannot copy out via PyAV.
+        for index, face in zip(part, model(read_frames(reader, part, name, source=video))):
             faces[index] = face
     return face_track_to_json(faces, first[0], first[1], detector=model.name)

@@ -146,3 +146,22 @@ def test_68_points_on_the_real_driving_video_around_mtcnn_faces(examples, tmp_pa
         # Every point lies inside the square crop around MTCNN's box, where the template put it.
         assert np.all(np.abs(face.points[:, 0] - (x0 + x1) / 2) <= side / 2 + 1)
         assert np.all(np.abs(face.points[:, 1] - (y0 + y1) / 2) <= side / 2 + 1)
+
+
+def test_face_track_of_a_width_decord_cannot_copy_out():
+    """decord 0.6 cannot copy frames 48 px wide out of its buffers; face tracking reads them
+    through read_frames like the loader does (PyAV fallback), so such clips are tracked, not lost."""
+    from datapipes.facetrack import detect_face_track
+
+    frames = np.random.default_rng(0).integers(0, 255, (6, 64, 48, 3), dtype=np.uint8)
+    seen = []
+
+    class Recording(FixedBoxes):
+        def __call__(self, batch):
+            seen.append(np.asarray(batch).shape)
+            return super().__call__(batch)
+
+    document = detect_face_track(encode_mp4(frames, 8.0), "narrow", detector=Recording(), chunk=4)
+    assert (document["height"], document["width"]) == (64, 48)
+    assert seen == [(4, 64, 48, 3), (2, 64, 48, 3)]
+    assert len(face_track_from_json(json.dumps(document).encode(), "narrow")) == 6
