@@ -31,7 +31,7 @@ from .tiny_run import BIN, WEIGHT_ATOL, clean_env, max_weight_difference, tiny_o
 MAX_STEPS = 2
 RESUME_STEP = 1
 # DDP and ZeRO-3 round the gradient reduction and its clipping norm differently, which AdamW's
-# first steps amplify (an update is about lr * g / |g|) to ~1e-6 here; a shard put in the wrong
+# first steps amplify (an update is about lr * g / |g|) to ~2e-7 here; a shard put in the wrong
 # place, or one a step old, is off by a weight's size or a step's update (>= 2.5e-4).
 CROSS_STRATEGY_ATOL = 1e-5
 # Only a guard against a hung run: a loaded 2-core machine can take many minutes per run.
