@@ -73,7 +73,20 @@ def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path
     # Checkpoints are step-named and committed atomically (xdyna.train.checkpointing): the resumed
     # run's newest one is a new file, the step-3 one it resumed from is left as it was.
     resumed_checkpoint = Path(outputs(second.stdout)["checkpoint"])
-    assert torch.load(resumed_checkpoint, map_location="cpu", weights_only=False)["global_step"] == 5
+    state = torch.load(resumed_checkpoint, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+
+    # A resume reads its checkpoint weights-only too: one holding an object that would run code is
+    # refused in one line naming it and the file, and the code never runs.
+    from tests.test_checkpoint_weights_only import RunsCode
+
+    marker = tmp_path / "ran"
+    state["callbacks"]["planted"] = RunsCode(marker)
+    torch.save(state, resumed_checkpoint)
+    third = train(tmp_path, shards, "trainer.max_steps=6")
+    assert third.returncode == 2, third.stderr[-3000:]
+    assert_one_line_error(third, "step=000005.ckpt' is refused: it holds")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(

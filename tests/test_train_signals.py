@@ -113,7 +113,9 @@ def test_ctrl_c_saves_the_finished_step_and_the_resumed_run_keeps_the_metrics_hi
               "samples.num_inference_steps=1", "samples.max_samples=1", "trainer.precision=32-true"]
     checkpoints = tmp_path / "runs" / "ctrlc" / "checkpoints"
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([*common, "trainer.max_steps=40", "trainer.log_every_n_steps=1", "debug.step_sleep_s=1"],
+    # The run holds after step 2 until it gets the signal: it is mid-run by construction, however
+    # loaded the machine.
+    first = subprocess.Popen([*common, "trainer.max_steps=40", "trainer.log_every_n_steps=1", "debug.hold_after_step=2"],
                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
@@ -128,7 +130,7 @@ def test_ctrl_c_saves_the_finished_step_and_the_resumed_run_keeps_the_metrics_hi
     output = (tmp_path / "first.log").read_text()
     assert "xdyna-train interrupted" in output and "resume_with" in output and "Traceback" not in output
     saved = max(int(p.name[5:11]) for p in checkpoints.glob("step=*.ckpt"))
-    assert 2 <= saved < 40  # the finished step at the Ctrl-C, not the periodic one before it only
+    assert saved == 3  # the step that finished after the Ctrl-C, not only the periodic one before it
     metrics = tmp_path / "runs" / "ctrlc" / "metrics" / "metrics.csv"
     assert {int(r["step"]) for r in read_rows(metrics) if r.get("train/loss")} >= set(range(saved))
 

@@ -18,8 +18,10 @@ from .slurm_jobs import (ENDED_BADLY, JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnos
 from .tiny_run import BIN, WEIGHT_ATOL, clean_env, max_weight_difference, tiny_overrides
 
 MAX_STEPS = 6
-# Long enough that the job is still training seconds after its step-2 checkpoint appears.
-STEP_SLEEP_S = 2
+# The job holds after its step-2 checkpoint until it is signalled (debug.hold_after_step, first
+# attempt only): it is still training when the signal comes, however loaded the machine, and the
+# preemption handler then saves step 3.
+HOLD_AFTER_STEP = 2
 
 
 @pytest.mark.slurm
@@ -29,7 +31,7 @@ def test_sigusr1_requeues_job_which_resumes_to_uninterrupted_weights(slurm_clust
     env = clean_env(slurm_cluster.env)
     launched = subprocess.run(
         [str(BIN / "xdyna-launch"), "slurm", "--launcher", "slurm_cpu", "launcher.nodes=2", f"launcher.time={JOB_TIME_LIMIT_MIN}",
-         *tiny_overrides(shards, root, "preempted", MAX_STEPS), f"debug.step_sleep_s={STEP_SLEEP_S}"],
+         *tiny_overrides(shards, root, "preempted", MAX_STEPS), f"debug.hold_after_step={HOLD_AFTER_STEP}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
@@ -79,8 +81,8 @@ def test_sigusr1_requeues_job_which_resumes_to_uninterrupted_weights(slurm_clust
     if not preempted or preempted.group(4) != job_id:
         raise diagnose(slurm_cluster, job_id, job_log, "no '<signal> -> checkpoint ... requeued' line from rank 0")
     preempted_step = int(preempted.group(3))
-    if not 2 <= preempted_step < MAX_STEPS:
-        raise diagnose(slurm_cluster, job_id, job_log, f"preempted at step {preempted_step}, not mid-run")
+    if preempted_step != HOLD_AFTER_STEP + 1:
+        raise diagnose(slurm_cluster, job_id, job_log, f"preempted at step {preempted_step}, not right after the hold")
     # The restarted attempt (same job id, restart 1) resumed from the checkpoint the signal wrote.
     assert f"xdyna: job {job_id} restart 1" in log
     resumed = re.search(r"resumed_from\s+(\S+)", log.split(f"xdyna: job {job_id} restart 1", 1)[1])

@@ -3,6 +3,7 @@ test-only step delay."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,35 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class HoldForSignal(L.Callback):
+    """TEST-ONLY (``debug.hold_after_step``): after optimizer step N of a job's first attempt,
+    wait until some rank has received a preemption signal or Ctrl-C, then go on (the preemption
+    handler saves and stops at the next step end).
+
+    End-to-end preemption tests signal a job "mid-run"; with sleeps alone, a loaded machine can
+    let the job finish first. Holding makes "the job is still running when it is signalled" true
+    by construction. A requeued attempt (``SLURM_RESTART_COUNT`` > 0) never holds. The ranks agree
+    through one all-reduce per poll; ``max_wait_s`` bounds the hold so a forgotten signal cannot
+    hang a job for good.
+    """
+
+    def __init__(self, after_step: int, signals, poll_s: float = 0.1, max_wait_s: float = 3600.0):
+        self.after_step = int(after_step)
+        self.signals = signals
+        self.poll_s = poll_s
+        self.max_wait_s = max_wait_s
+
+    def _any_rank_signalled(self, trainer) -> bool:
+        flag = torch.tensor([0.0 if self.signals.received is None else 1.0], device=trainer.strategy.root_device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.after_step or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            return
+        deadline = time.monotonic() + self.max_wait_s
+        while not self._any_rank_signalled(trainer) and time.monotonic() < deadline:
+            time.sleep(self.poll_s)

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,11 +134,12 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor
     from omegaconf import OmegaConf
 
-    from .callbacks import SampleVideoCallback, StepProgressBar, StepSleep
+    from .callbacks import HoldForSignal, SampleVideoCallback, StepProgressBar, StepSleep
     from .checkpointing import list_complete_checkpoints, newest_complete_checkpoint
     from .scaleout import build_scaleout
     from .datamodule import ClipDataModule
-    from .export import EXPORT_SUBDIR, export_run, init_component_files
+    from .export import (EXPORT_SUBDIR, checkpoint_refusal, deepspeed_globals, export_run, init_component_files,
+                         weights_only_loading)
     from .module import XDynaTrainingModule
     from .telemetry import TrainingTelemetry
 
@@ -188,6 +191,9 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     step_sleep_s = float(OmegaConf.select(cfg, "debug.step_sleep_s", default=0) or 0)
     if step_sleep_s > 0:
         callbacks.append(StepSleep(step_sleep_s))
+    hold_after_step = OmegaConf.select(cfg, "debug.hold_after_step", default=None)
+    if hold_after_step is not None:
+        callbacks.append(HoldForSignal(hold_after_step, preemption_signals))
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = L.Trainer(
@@ -202,7 +208,13 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         enable_model_summary=False,
     )
     ckpt_path = str(scaleout.resume_from) if scaleout.resume_from else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # A resume reads its checkpoint weights-only like every other checkpoint read (DeepSpeed's
+    # shard reader included, whose own torch.load asks for full unpickling).
+    try:
+        with weights_only_loading(deepspeed_globals()) if ckpt_path else contextlib.nullcontext():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    except pickle.UnpicklingError as error:
+        raise checkpoint_refusal(ckpt_path, error) from None
 
     newest = newest_complete_checkpoint(scaleout.checkpoint_dir)
     export_dir = None

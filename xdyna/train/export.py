@@ -49,7 +49,7 @@ _LIGHTNING_GLOBALS = ((dict, "lightning.fabric.utilities.data.AttributeDict"),)
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
-def _deepspeed_globals() -> list:
+def deepspeed_globals() -> list:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -96,6 +96,17 @@ def _refusal(path: Path, error: Exception, extra_globals: Iterable) -> ExportErr
     return ExportError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({reason.splitlines()[0][:200]})")
 
 
+def checkpoint_refusal(path: str | os.PathLike, error: Exception) -> ExportError:
+    """The one-line reason a checkpoint file, or a DeepSpeed checkpoint directory, was refused by a
+    weights-only read. DeepSpeed's own refusal names no file: the first shard holding a disallowed
+    object is named."""
+    path, allowed = Path(path), deepspeed_globals()
+    if path.is_dir():
+        shards = sorted(path.rglob("*.pt"))
+        path = next((shard for shard in shards if _unsafe_globals(shard, allowed)), shards[0] if shards else path)
+    return _refusal(path, error, allowed)
+
+
 def load_checkpoint_file(path: str | os.PathLike, extra_globals: Iterable = ()) -> Any:
     """``torch.load`` of one checkpoint file, weights-only (see :func:`weights_only_loading`);
     a file holding anything else fails with :class:`ExportError` naming what it holds."""
@@ -116,15 +127,11 @@ def _deepspeed_states(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], di
     if not model_states:
         raise ExportError(f"{checkpoint_dir}: no DeepSpeed model states under checkpoint/")
     client_state = load_checkpoint_file(model_states[0])
-    deepspeed_globals = _deepspeed_globals()
-    with weights_only_loading(deepspeed_globals):
+    with weights_only_loading(deepspeed_globals()):
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="checkpoint")
         except pickle.UnpicklingError as error:
-            # DeepSpeed's refusal names no file: name the shard that holds a disallowed object.
-            shards = sorted(tag_dir.glob("*.pt"))
-            culprit = next((shard for shard in shards if _unsafe_globals(shard, deepspeed_globals)), shards[0])
-            raise _refusal(culprit, error, deepspeed_globals) from None
+            raise checkpoint_refusal(checkpoint_dir, error) from None
     weights = {k.removeprefix(_WRAPPER_PREFIX): v for k, v in state.items()}
     return weights, client_state
 
