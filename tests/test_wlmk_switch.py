@@ -53,7 +53,7 @@ def test_training_refuses_half_a_wlmk_switch_before_building_anything(monkeypatc
 
 
 class FixedFace:
-    """A landmark model (``--face-detector test_wlmk_switch:FixedFace``) finding one face in every frame."""
+    """A landmark model (``--face-detector tests.test_wlmk_switch:FixedFace``) finding one face in every frame."""
 
     def __call__(self, frames: np.ndarray):
         return [FaceFrame((16.0, 8.0, 34.0, 24.0), LANDMARKS.copy()) for _ in frames]
@@ -106,7 +106,7 @@ def test_animate_draws_the_landmarks_for_a_wlmk_model(videos, tmp_path, monkeypa
     with pytest.raises(Prepared) as stopped:
         cli.main(["--model", str(tmp_path / "wlmk.yaml"), "--reference", str(videos / "reference.png"),
                   "--pose", str(videos / "pose.mp4"), "--face", str(videos / "driving.mp4"),
-                  "--face-detector", "test_wlmk_switch:FixedFace", "--steps", "1", "--frames", "2", "--stride", "1",
+                  "--face-detector", "tests.test_wlmk_switch:FixedFace", "--steps", "1", "--frames", "2", "--stride", "1",
                   "--height", "64", "--width", "64", "--device", "cpu", "--no-preview", "--out", str(tmp_path / "out.mp4")])
     signals = stopped.value.args[0]
     assert signals.face is None and len(signals) == 2
