@@ -296,12 +296,14 @@ def test_save_ground_truth_matches_the_animation_and_prepare_gt_writes_the_same(
     assert eval_main(["prepare-gt", "--driving", str(driving_files["driving"]), "--pose-video", str(driving_files["pose"]),
                       "--out", str(prepared), *selection]) == 0
     assert video_info(prepared).fps == pytest.approx(gt.fps, rel=0.01)
-    # Two separate lossy encodes of the same frames: each prepared frame is closest to the same
-    # ground-truth frame (the selection is the same), within encoder noise (seen: 2 levels under load).
+    # Two separate lossy encodes of the same selection: each prepared frame is closest to the same
+    # ground-truth frame. Mean differences seen: 0.7-2.0 levels on the diagonal (it depends on what
+    # ran before in the process), 22-45 to any other frame. That the frames themselves are exactly
+    # the pipeline's is test_ground_truth_frames_are_the_frames_the_pipeline_used.
     ours, theirs = (VideoSource(p).read(0, 8).float() for p in (prepared, truth))
     distances = (ours[:, None] - theirs[None]).abs().mean(dim=(2, 3, 4))
     assert torch.equal(distances.argmin(dim=1), torch.arange(len(ours))), distances
-    assert distances.diagonal().max() <= 1.0, distances
+    assert distances.diagonal().max() <= 4.0, distances
     assert eval_main(["prepare-gt", "--driving", str(driving_files["driving"]), "--out", str(prepared), "--height", "60",
                       "--width", "64"]) == 2
     assert "--height must be a positive multiple of 64" in capsys.readouterr().err
