@@ -129,21 +129,6 @@ class SampleVideoCallback(L.Callback):
         return path
 
 
-class StepSleep(L.Callback):
-    """TEST-ONLY (``debug.step_sleep_s``): sleep after every optimizer step.
-
-    The tiny CPU model finishes a stage in seconds; end-to-end preemption tests need a job that
-    is still training when they signal it. Sleeping changes no math, so weights stay comparable
-    with a run without it.
-    """
-
-    def __init__(self, seconds: float):
-        self.seconds = float(seconds)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        time.sleep(self.seconds)
-
-
 class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run: ``step N/max_steps``, starting at the resumed step.
 

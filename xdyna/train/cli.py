@@ -134,7 +134,7 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor
     from omegaconf import OmegaConf
 
-    from .callbacks import HoldForSignal, SampleVideoCallback, StepProgressBar, StepSleep
+    from .callbacks import HoldForSignal, SampleVideoCallback, StepProgressBar
     from .checkpointing import list_complete_checkpoints, newest_complete_checkpoint
     from .scaleout import build_scaleout
     from .datamodule import ClipDataModule
@@ -188,9 +188,6 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     logger = build_logger(cfg, run_dir, resume_step)
     telemetry = TrainingTelemetry(peak_tflops=OmegaConf.select(cfg, "telemetry.peak_tflops", default=None))
     callbacks = [*scaleout.callbacks, samples, telemetry, StepProgressBar()]
-    step_sleep_s = float(OmegaConf.select(cfg, "debug.step_sleep_s", default=0) or 0)
-    if step_sleep_s > 0:
-        callbacks.append(StepSleep(step_sleep_s))
     hold_after_step = OmegaConf.select(cfg, "debug.hold_after_step", default=None)
     if hold_after_step is not None:
         callbacks.append(HoldForSignal(hold_after_step, preemption_signals))
