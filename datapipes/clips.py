@@ -48,6 +48,9 @@ class ClipSpec:
     pose_from: str = "auto"
     decode_threads: int = 1
     face_landmarks_in_pose: bool = False  # w/lmk ablation: draw face.json landmarks into the pose
+    # Whether this clip's source provides the face condition (data.sources.<name>.conditions):
+    # False leaves face.json unread, so its face maps are blank and no landmarks are drawn.
+    face_tracks: bool = True
 
     @property
     def span(self) -> int:
@@ -200,7 +203,7 @@ def check_sample(key: str, members: Mapping[str, bytes], spec: ClipSpec) -> Samp
         keypoints = faces = None
         if pose == shards.POSE_KEYPOINTS:
             keypoints = schema.pose_keypoints(members[pose], f"{key}.{pose}", count)
-        if (spec.with_face or spec.face_landmarks_in_pose) and shards.FACE in members:
+        if (spec.with_face or spec.face_landmarks_in_pose) and spec.face_tracks and shards.FACE in members:
             faces = schema.face_track(members[shards.FACE], f"{key}.{shards.FACE}", count)
     except schema.SchemaError as error:
         raise BadSample(key, str(error)) from None

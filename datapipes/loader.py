@@ -9,7 +9,9 @@ How it works (details in docs/data.md):
 * ``resample=True`` (training): each worker draws shards at random with its own generator,
   seeded from ``(seed, epoch, rank, worker)``, keeps ``open_shards`` of them interleaved, and
   produces an exact quota of batches so every rank yields ``batches_per_epoch`` batches.
-  Harmonic data fusion draws ``scene`` with probability ``scene_probability`` per sample.
+  Each sample comes from one of the weighted ``sources`` (:class:`DataSource`), drawn with
+  probability weight / sum of weights from the same generator; harmonic data fusion is the
+  two-source case human + scene (``scene_probability`` is the scene source's weight).
 * ``resample=False`` (evaluation, inspection): one pass; shards (or, with fewer shards than
   workers in total, samples) are dealt to the ``world_size * num_workers`` workers so every
   sample is seen exactly once.
@@ -25,10 +27,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import re
 import signal
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -45,6 +49,13 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 OUTPUT_DTYPES = ("float32", "uint8")
+# What each kind of source provides: the clip kinds it yields and the conditions its clips can
+# carry. ``mixed``: shards holding both clip kinds, taken as they come (is_scene per clip).
+SOURCE_KINDS = {"human": {"clips": ("human",), "conditions": ("pose", "face")},
+                "scene": {"clips": ("scene",), "conditions": ()},
+                "mixed": {"clips": shards.KINDS, "conditions": ("pose", "face")}}
+SOURCE_FIELDS = ("shards", "weight", "kind", "conditions")
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _META = "_loader"  # private batch entry carrying worker state; removed before batches leave
 
 
@@ -54,6 +65,9 @@ class ClipLoaderConfig:
     shards: Any = "demo_data/shards"          # directory, brace pattern, glob, file, or list
     scene_shards: Any = None                  # optional separate scene-clip source
     scene_probability: float | None = 0.25    # P(scene) per sample; None = the stream's own mix
+    # N weighted sources, name -> {shards, weight, kind, conditions} (docs/data.md); replaces the
+    # three keys above, which are its two-source case (see data_sources()).
+    sources: dict | None = None
     num_frames: int = 8
     frame_stride: int = 1
     height: int = 128
@@ -122,11 +136,108 @@ class ClipLoaderConfig:
                 problems.append(str(error))
         if self.open_shards < 1 or self.mix_queue < 1:
             problems.append("open_shards and mix_queue must be >= 1")
+        try:
+            self.data_sources()
+        except ValueError as error:
+            problems.append(str(error))
         for bucket in self.clip_spec().buckets:
             if len(bucket) != 2 or min(bucket) < 1:
                 problems.append(f"bucket {list(bucket)} is not [height, width]")
         if problems:
             raise ValueError("invalid data config: " + "; ".join(problems))
+
+    def data_sources(self) -> list["DataSource"]:
+        """The weighted sources samples are drawn from: ``sources`` as configured, or the
+        two-key form translated. ``shards`` with ``scene_probability`` p is two sources on the
+        same shards split by kind, ``human`` (weight 1 - p) and ``scene`` (weight p), or with
+        ``scene_shards`` the scene source reads those; ``scene_probability: null`` is one
+        ``mixed`` source per shard set. Raises ``ValueError`` naming the key for a bad table."""
+        if self.sources is None:
+            if self.scene_probability is None:
+                if self.scene_shards is not None and self.resample:
+                    raise ValueError("scene_shards needs scene_probability (the mix of the two sources)")
+                sets = [("shards", self.shards)] + ([("scene_shards", self.scene_shards)]
+                                                    if self.scene_shards is not None else [])
+                return [DataSource(key, spec, "mixed", 1.0, SOURCE_KINDS["mixed"]["conditions"], key)
+                        for key, spec in sets]
+            scene_key = "shards" if self.scene_shards is None else "scene_shards"
+            # Zero weights are allowed here only: scene_probability 0 or 1 keeps both sources so
+            # that a sample's draw uses the generator exactly as before sources existed.
+            return [DataSource("human", self.shards, "human", 1.0 - self.scene_probability,
+                               SOURCE_KINDS["human"]["conditions"], "shards"),
+                    DataSource("scene", getattr(self, scene_key), "scene", self.scene_probability, (),
+                               scene_key)]
+        both = [key for key, unset in (("shards", None), ("scene_shards", None), ("scene_probability", None))
+                if getattr(self, key) is not unset]
+        if both:
+            raise ValueError(f"sources and {', '.join(both)} are both set: with sources, set "
+                             f"{', '.join(f'{key}=null' for key in both)} (the weights hold the mix)")
+        if not isinstance(self.sources, Mapping) or not self.sources:
+            raise ValueError(f"sources must map names to {{shards, weight, kind}}, got {self.sources!r}")
+        return [_parse_source(name, entry) for name, entry in self.sources.items()]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One weighted source of clips: ``data.sources.<name>`` after validation."""
+    name: str
+    shards: Any                     # as configured: directory, brace pattern, glob, file or list
+    kind: str                       # a key of SOURCE_KINDS
+    weight: float                   # drawn with probability weight / sum of weights
+    conditions: tuple[str, ...]     # what its human clips carry, of SOURCE_KINDS[kind]["conditions"]
+    shards_key: str                 # the config key of ``shards``, for error messages
+
+
+def _parse_source(name: Any, entry: Any) -> DataSource:
+    key = f"sources.{name}"
+    if not isinstance(name, str) or not _SOURCE_NAME.match(name):
+        raise ValueError(f"sources: name {name!r} must be letters, digits, '_' or '-'")
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{key} must be a mapping {{shards, weight, kind}}, got {entry!r}")
+    unknown = sorted(set(entry) - set(SOURCE_FIELDS))
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {unknown}; known: {list(SOURCE_FIELDS)}")
+    if entry.get("shards") in (None, "", []):
+        raise ValueError(f"{key}.shards is not set")
+    kind = entry.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"{key}.kind must be one of {list(SOURCE_KINDS)}, got {kind!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{key}.weight must be a number > 0, got {weight!r}")
+    offered = SOURCE_KINDS[kind]["conditions"]
+    conditions = entry.get("conditions", offered)
+    if isinstance(conditions, str) or not isinstance(conditions, (list, tuple)) or \
+            any(c not in offered for c in conditions) or (offered and "pose" not in conditions):
+        need = f"a list of {list(offered)} with 'pose'" if offered else "[] (scene clips carry none)"
+        raise ValueError(f"{key}.conditions must be {need}, got {conditions!r}")
+    return DataSource(name, entry["shards"], kind, float(weight), tuple(c for c in offered if c in conditions),
+                      f"{key}.shards")
+
+
+def shard_sets(cfg: ClipLoaderConfig) -> tuple[list[list[str]], list[int]]:
+    """``(shard sets, the set of each source)``: every source's shards expanded, sources on the
+    same shards sharing one set (one stream of samples split by kind). A missing path raises
+    ``FileNotFoundError`` naming its key (``data.sources.<name>.shards: ...``); two sources that
+    would take the same clips of the same shards raise ``ValueError``."""
+    sets: list[list[str]] = []
+    of_source: list[int] = []
+    taken: dict[tuple[int, str], str] = {}
+    for source in cfg.data_sources():
+        try:
+            urls = shards.expand_shard_urls(source.shards)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"data.{source.shards_key}: {error}") from None
+        if urls not in sets:
+            sets.append(urls)
+        index = sets.index(urls)
+        of_source.append(index)
+        for kind in SOURCE_KINDS[source.kind]["clips"]:
+            other = taken.setdefault((index, kind), source.name)
+            if other != source.name:
+                raise ValueError(f"invalid data config: sources.{other} and sources.{source.name} both take "
+                                 f"the {kind} clips of the same shards: make them one source (weights add)")
+    return sets, of_source
 
 
 class BadSampleCeilingError(RuntimeError):
@@ -143,7 +254,9 @@ class _Plan:
     rank: int
     world_size: int
     num_workers: int               # logical workers per rank (>= 1)
-    sources: list[list[str]]       # [main urls] or [human urls, scene urls]
+    shard_sets: list[list[str]]    # distinct shard url lists (shard_sets())
+    sources: list[DataSource]
+    source_sets: list[int]         # the shard set of each source
     epoch: int
     batches_done: int              # consumed batches of this epoch at (re)start
     worker_states: dict            # logical worker -> state after its last consumed batch
@@ -151,12 +264,12 @@ class _Plan:
     release_board: ReleaseBoard | None = None  # with workers and shm_buffers > 0
 
 
-class _Source:
+class _ShardStream:
     """One shard set as a sample stream of one logical worker, addressed by byte offsets."""
 
     def __init__(self, index: int, shard_ids: list[int], plan: _Plan, worker: int,
                  rng: np.random.Generator, reader: shards.TarSampleReader):
-        # shard_ids index the reader's url list, which holds every source's shards.
+        # shard_ids index the reader's url list, which holds every shard set's shards.
         self.index, self.shard_ids, self.rng, self.reader = index, shard_ids, rng, reader
         self.resample = plan.cfg.resample
         self.open_limit = min(plan.cfg.open_shards, len(shard_ids))
@@ -221,6 +334,22 @@ class _Source:
         return None
 
 
+def _owners(sources: list[DataSource], source_sets: list[int], n_sets: int) -> list[dict[str, int]]:
+    """For each shard set and clip kind, the source that takes such a clip: the source on that
+    set that takes the kind, else (a clip met on the way, e.g. a scene in human shards while
+    a separate scene source exists) the first source anywhere that takes it; absent: none does."""
+    owners: list[dict[str, int]] = []
+    for shard_set in range(n_sets):
+        owner = {}
+        for kind in shards.KINDS:
+            takers = [i for i, source in enumerate(sources) if kind in SOURCE_KINDS[source.kind]["clips"]]
+            here = [i for i in takers if source_sets[i] == shard_set]
+            if here or takers:
+                owner[kind] = (here or takers)[0]
+        owners.append(owner)
+    return owners
+
+
 class _WorkerStream:
     """The batches of one logical worker (runs inside a DataLoader worker process)."""
 
@@ -232,19 +361,27 @@ class _WorkerStream:
         self.spec = cfg.clip_spec()
         seed = np.random.SeedSequence([cfg.seed, plan.epoch, plan.rank, worker])
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.reader = shards.TarSampleReader([url for urls in plan.sources for url in urls])
+        self.reader = shards.TarSampleReader([url for urls in plan.shard_sets for url in urls])
         base = 0
-        self.sources = []
-        for index, urls in enumerate(plan.sources):
-            self.sources.append(_Source(index, list(range(base, base + len(urls))), plan, worker,
-                                        self.rng, self.reader))
+        self.streams = []
+        self.set_of_shard: list[int] = []
+        for index, urls in enumerate(plan.shard_sets):
+            self.streams.append(_ShardStream(index, list(range(base, base + len(urls))), plan, worker,
+                                             self.rng, self.reader))
+            self.set_of_shard += [index] * len(urls)
             base += len(urls)
-        self.mixing = cfg.resample and cfg.scene_probability is not None
-        self.queues: dict[str, deque] = {kind: deque() for kind in shards.KINDS}
+        self.sources = plan.sources
+        self.specs = [dataclasses.replace(self.spec, face_tracks="face" in source.conditions)
+                      for source in self.sources]
+        self.owner = _owners(plan.sources, plan.source_sets, len(plan.shard_sets))
+        self.weights = [source.weight for source in self.sources]
+        self.total_weight = sum(self.weights)
+        # Held-back clips, per source that will take them (one stream split by kind).
+        self.queues: dict[str, deque] = {source.name: deque() for source in self.sources}
         self.pending: list[list[tuple[list, dict]]] = [[] for _ in self.spec.buckets]
         self.produced = 0
-        self.drawn = 0
-        self.bad: list[tuple[str, str]] = []
+        self.drawn = [0] * len(self.sources)
+        self.bad: list[tuple[str, str, int]] = []
         state = plan.worker_states.get(worker)
         if state is not None:
             self._restore(state)
@@ -252,24 +389,26 @@ class _WorkerStream:
     # -- state
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state,
-                "sources": [source.state() for source in self.sources],
+                "sources": [stream.state() for stream in self.streams],  # per shard set
                 "queues": {kind: [ref for ref, _ in queue] for kind, queue in self.queues.items()},
                 "pending": [[ref for ref, _ in bucket] for bucket in self.pending],
                 "produced": self.produced}
 
     def _restore(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
-        for source, source_state in zip(self.sources, state["sources"]):
-            source.restore(source_state)
-        for kind, refs in state["queues"].items():
-            self.queues[kind] = deque((ref, self._reread(ref)) for ref in refs)
+        for stream, stream_state in zip(self.streams, state["sources"]):
+            stream.restore(stream_state)
+        for name, refs in state["queues"].items():
+            if refs:  # the fingerprint guarantees the name; empty queues of older states may not match
+                self.queues[name] = deque((ref, self._reread(ref)) for ref in refs)
         for bucket, refs in enumerate(state["pending"]):
             # Pending entries were decoded fine before the checkpoint; rebuilding them from the
-            # same bytes and per-sample seed gives the same tensors.
+            # same bytes and per-sample seed gives the same tensors (and the same source: the
+            # owner of the clip's shard set and kind, as when it was drawn).
             for ref in refs:
-                _, sample = load_clip(self._reread(ref), self.spec, np.random.default_rng(ref[2]),
-                                      self.plan.face_reenactor)
-                self.pending[bucket].append((ref, sample))
+                raw = self._reread(ref)
+                source = self.owner[self.set_of_shard[raw.shard]][raw.meta()["kind"]]
+                self.pending[bucket].append((ref, self._load(raw, source, ref[2])[1]))
         self.produced = state["produced"]
 
     def _reread(self, ref: list) -> shards.RawSample:
@@ -279,53 +418,90 @@ class _WorkerStream:
         return sample
 
     # -- drawing samples
-    def _draw_raw(self) -> shards.RawSample | None:
-        if not self.mixing:
-            for source in self.sources:
-                sample = source.next()
+    def _pick(self) -> int:
+        """The source of the next sample: source i with probability weight_i / total."""
+        if len(self.sources) == 1:
+            return 0
+        # One uniform draw against the cumulative weights taken from the last source back: for
+        # the two-key config (sources human, scene) that is "scene when u < scene_probability",
+        # the draw the loader made before sources existed, so its samples stay the same.
+        u = self.rng.random() * self.total_weight
+        cumulative, picked = 0.0, None
+        for index in reversed(range(len(self.sources))):
+            cumulative += self.weights[index]
+            if self.weights[index] > 0:
+                picked = index
+                if u < cumulative:
+                    return index
+        return picked  # u at the top of the range by rounding: the last source with a weight
+
+    def _draw_raw(self) -> tuple[shards.RawSample | None, int]:
+        """``(raw sample, its source)``; ``(None, 0)`` when a finite pass is over."""
+        if not self.cfg.resample:
+            # One pass over every shard set; each clip belongs to the source of its set and kind.
+            for index, stream in enumerate(self.streams):
+                sample = stream.next()
                 if sample is not None:
-                    return sample
-            return None
-        kind = "scene" if self.rng.random() < self.cfg.scene_probability else "human"
-        # With a separate scene source, scenes come from it; clips of the other kind met on the
-        # way (e.g. scenes inside the human shards) are held back for a later draw.
-        source = self.sources[1 if kind == "scene" and len(self.sources) == 2 else 0]
-        queue = self.queues[kind]
+                    return sample, self._owner_in_pass(index, sample)
+            return None, 0
+        source_index = self._pick()
+        source = self.sources[source_index]
+        queue = self.queues[source.name]
+        if queue:
+            return queue.popleft()[1], source_index
+        stream = self.streams[self.plan.source_sets[source_index]]
+        wanted = SOURCE_KINDS[source.kind]["clips"]
         misses = 0
-        while not queue:
-            sample = source.next()
+        while True:
+            sample = stream.next()
             try:
                 sample_kind = sample.meta()["kind"]
             except schema.SchemaError:
-                return sample  # let load_clip report it as bad (skipped and counted)
-            other = self.queues[sample_kind]
-            if sample_kind == kind:
-                return sample
-            other.append(([sample.shard, sample.offset], sample))
-            if len(other) > self.cfg.mix_queue:
-                other.popleft()  # resampled data is unbounded: dropping keeps memory bounded
+                return sample, source_index  # let load_clip report it as bad (skipped and counted)
+            if sample_kind in wanted:
+                return sample, source_index
+            # A clip of another kind (e.g. a scene inside human shards) is held back for the
+            # source that takes it; a queue is bounded: resampled data is unbounded, dropping
+            # keeps memory bounded.
+            taker = self.owner[self.set_of_shard[sample.shard]].get(sample_kind)
+            if taker is not None:
+                other = self.queues[self.sources[taker].name]
+                other.append(([sample.shard, sample.offset], sample))
+                if len(other) > self.cfg.mix_queue:
+                    other.popleft()
             misses += 1
             if misses > 4096:
-                raise ValueError(f"scene_probability={self.cfg.scene_probability} asks for {kind!r} "
-                                 f"clips but 4096 samples in a row of {shards.brace_pattern(self.reader.urls)} "
-                                 f"were not {kind!r}")
-        return queue.popleft()[1]
+                urls = self.plan.shard_sets[self.plan.source_sets[source_index]]
+                raise ValueError(f"data.{source.shards_key} (source {source.name!r}, weight {source.weight:g}) "
+                                 f"asks for {source.kind!r} clips but 4096 samples in a row of "
+                                 f"{shards.brace_pattern(urls)} were not {source.kind!r}")
+
+    def _owner_in_pass(self, shard_set: int, sample: shards.RawSample) -> int:
+        try:
+            owner = self.owner[shard_set].get(sample.meta()["kind"])
+        except schema.SchemaError:
+            owner = None
+        return self.plan.source_sets.index(shard_set) if owner is None else owner
+
+    def _load(self, raw: shards.RawSample, source: int, seed: int) -> tuple[int, dict]:
+        bucket, sample = load_clip(raw, self.specs[source], np.random.default_rng(seed), self.plan.face_reenactor)
+        sample["source"] = torch.tensor(source, dtype=torch.int64)
+        return bucket, sample
 
     def __iter__(self) -> Iterator[dict]:
         try:
             while self.quota is None or self.produced < self.quota:
-                raw = self._draw_raw()
+                raw, source = self._draw_raw()
                 if raw is None:
                     break
-                self.drawn += 1
+                self.drawn[source] += 1
                 sample_seed = int(self.rng.integers(2 ** 63))
                 try:
-                    bucket, sample = load_clip(raw, self.spec, np.random.default_rng(sample_seed),
-                                               self.plan.face_reenactor)
+                    bucket, sample = self._load(raw, source, sample_seed)
                 except BadSample as bad:
-                    log.warning("skipping bad sample %s (shard %s): %s", bad.key,
-                                self.reader.urls[raw.shard], bad.reason)
-                    self.bad.append((bad.key, bad.reason))
+                    log.warning("skipping bad sample %s (source %s, shard %s): %s", bad.key,
+                                self.sources[source].name, self.reader.urls[raw.shard], bad.reason)
+                    self.bad.append((bad.key, bad.reason, source))
                     continue
                 self.pending[bucket].append(([raw.shard, raw.offset, sample_seed], sample))
                 if len(self.pending[bucket]) == self.cfg.batch_size:
@@ -334,7 +510,7 @@ class _WorkerStream:
                 for bucket in range(len(self.pending)):
                     if self.pending[bucket]:
                         yield self._emit(bucket)
-                if self.drawn:  # bad samples after the last batch still have to be counted
+                if any(self.drawn):  # bad samples after the last batch still have to be counted
                     yield {_META: self._report()}
         finally:
             self.reader.close()
@@ -353,7 +529,7 @@ class _WorkerStream:
 
     def _report(self) -> dict:
         report = {"worker": self.worker, "state": self.state(), "drawn": self.drawn, "bad": self.bad}
-        self.drawn, self.bad = 0, []
+        self.drawn, self.bad = [0] * len(self.sources), []
         return report
 
 
@@ -400,22 +576,15 @@ class ClipLoader:
         if face_reenactor is None and cfg.face_reenactor:
             face_reenactor = ImportedFaceReenactor(cfg.face_reenactor, cfg.face_reenactor_kwargs)
         self.face_reenactor = face_reenactor
-        sources = [shards.expand_shard_urls(cfg.shards)]
-        if cfg.scene_shards is not None:
-            if not cfg.resample:
-                sources.append(shards.expand_shard_urls(cfg.scene_shards))
-            elif cfg.scene_probability is None:
-                raise ValueError("scene_shards needs scene_probability (the mix of the two sources)")
-            else:
-                sources.append(shards.expand_shard_urls(cfg.scene_shards))
-        self.sources = sources
+        self.sources = cfg.data_sources()
+        self.shard_sets, self.source_sets = shard_sets(cfg)
         self.num_logical_workers = max(1, cfg.num_workers)
         self.epoch = 0
         self.batches_done = 0
         self.worker_states: dict[int, dict] = {}
-        self.samples_drawn = 0
-        self.bad_samples = 0
-        self.recent_bad: deque = deque(maxlen=20)
+        self.source_drawn = [0] * len(self.sources)   # per source, in the order of source_names
+        self.source_bad = [0] * len(self.sources)
+        self._recent_bad: deque = deque(maxlen=20)    # (key, reason, source index)
         # Batches a worker sent in fresh shared memory because all its shm_buffers were held
         # (this process only; not part of the state): > 0 means raise data.shm_buffers.
         self.fresh_shm_batches = 0
@@ -432,14 +601,37 @@ class ClipLoader:
             self.epoch, self.batches_done, self.worker_states = int(epoch), 0, {}
 
     @property
+    def source_names(self) -> list[str]:
+        """Source names; a batch's ``source`` entry indexes this list."""
+        return [source.name for source in self.sources]
+
+    @property
+    def samples_drawn(self) -> int:
+        return sum(self.source_drawn)
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(self.source_bad)
+
+    @property
     def bad_fraction(self) -> float:
-        return self.bad_samples / self.samples_drawn if self.samples_drawn else 0.0
+        return _fraction(self.bad_samples, self.samples_drawn)
+
+    @property
+    def recent_bad(self) -> list[tuple[str, str]]:
+        """The latest ``(key, reason)`` of bad samples, oldest first."""
+        return [(key, reason) for key, reason, _ in self._recent_bad]
 
     def stats(self) -> dict:
         """Counters for logging: ``samples_drawn``, ``bad_samples``, ``bad_fraction``,
-        ``fresh_shm_batches``."""
-        return {"samples_drawn": self.samples_drawn, "bad_samples": self.bad_samples,
-                "bad_fraction": self.bad_fraction, "fresh_shm_batches": self.fresh_shm_batches}
+        ``fresh_shm_batches``, and per source ``<name>/samples_drawn``, ``<name>/bad_samples``,
+        ``<name>/bad_fraction``."""
+        stats = {"samples_drawn": self.samples_drawn, "bad_samples": self.bad_samples,
+                 "bad_fraction": self.bad_fraction, "fresh_shm_batches": self.fresh_shm_batches}
+        for name, drawn, bad in zip(self.source_names, self.source_drawn, self.source_bad):
+            stats.update({f"{name}/samples_drawn": drawn, f"{name}/bad_samples": bad,
+                          f"{name}/bad_fraction": _fraction(bad, drawn)})
+        return stats
 
     def _fingerprint(self) -> str:
         """What must not change between save and resume for the state to mean the same."""
@@ -447,10 +639,13 @@ class ClipLoader:
         for volatile in ("prefetch_factor", "shm_buffers", "start_method", "max_bad_fraction",
                          "bad_fraction_min_samples", "decode_threads", "output_dtype"):
             fields.pop(volatile)
-        for added in ("face_reenactor", "face_reenactor_kwargs"):
+        for added in ("face_reenactor", "face_reenactor_kwargs", "sources"):
             if fields[added] is None:  # keys added later: unset, they keep older checkpoints' fingerprint
                 fields.pop(added)
-        fields["sources"] = self.sources
+        if self.cfg.sources is not None:
+            fields["source_table"] = [[s.name, s.kind, s.weight, list(s.conditions), shard_set]
+                                      for s, shard_set in zip(self.sources, self.source_sets)]
+        fields["sources"] = self.shard_sets  # the shard urls (the key predates named sources)
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
@@ -458,7 +653,9 @@ class ClipLoader:
                 "num_workers": self.num_logical_workers, "fingerprint": self._fingerprint(),
                 "epoch": self.epoch, "batches_done": self.batches_done,
                 "workers": {int(k): v for k, v in self.worker_states.items()},
-                "samples_drawn": self.samples_drawn, "bad_samples": self.bad_samples}
+                "samples_drawn": self.samples_drawn, "bad_samples": self.bad_samples,
+                "source_samples_drawn": dict(zip(self.source_names, self.source_drawn)),
+                "source_bad_samples": dict(zip(self.source_names, self.source_bad))}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state from :meth:`state_dict`, or pick this rank's entry from a dict
@@ -480,14 +677,17 @@ class ClipLoader:
                              "data config, rank, world size and worker count)")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.worker_states = {int(k): v for k, v in state["workers"].items()}
-        self.samples_drawn, self.bad_samples = int(state["samples_drawn"]), int(state["bad_samples"])
+        # Per-source counters (absent from states saved before sources existed: counted anew).
+        drawn, bad = state.get("source_samples_drawn", {}), state.get("source_bad_samples", {})
+        self.source_drawn = [int(drawn.get(name, 0)) for name in self.source_names]
+        self.source_bad = [int(bad.get(name, 0)) for name in self.source_names]
 
     def _dataloader(self) -> tuple[DataLoader, ReleaseBoard | None]:
         board = None
         if self.cfg.num_workers > 0 and self.cfg.shm_buffers > 0:
             board = ReleaseBoard(self.cfg.num_workers, self.cfg.shm_buffers)
-        plan = _Plan(self.cfg, self.rank, self.world_size, self.num_logical_workers, self.sources,
-                     self.epoch, self.batches_done, dict(self.worker_states), self.face_reenactor,
+        plan = _Plan(self.cfg, self.rank, self.world_size, self.num_logical_workers, self.shard_sets,
+                     self.sources, self.source_sets, self.epoch, self.batches_done, dict(self.worker_states), self.face_reenactor,
                      board)
         kwargs = {}
         if self.cfg.num_workers > 0:
@@ -521,16 +721,28 @@ class ClipLoader:
             self.epoch, self.batches_done, self.worker_states = self.epoch + 1, 0, {}
 
     def _count(self, meta: dict) -> None:
-        self.samples_drawn += meta["drawn"]
-        self.bad_samples += len(meta["bad"])
-        self.recent_bad.extend(meta["bad"])
+        for index, drawn in enumerate(meta["drawn"]):
+            self.source_drawn[index] += drawn
+        for key, reason, index in meta["bad"]:
+            self.source_bad[index] += 1
+            self._recent_bad.append((key, reason, index))
         cfg = self.cfg
-        if self.samples_drawn >= cfg.bad_fraction_min_samples and self.bad_fraction > cfg.max_bad_fraction:
-            examples = "; ".join(f"{key}: {reason}" for key, reason in list(self.recent_bad)[-5:])
-            raise BadSampleCeilingError(
-                f"{self.bad_samples} of {self.samples_drawn} samples on rank {self.rank} were bad "
-                f"({self.bad_fraction:.1%} > max_bad_fraction {cfg.max_bad_fraction:.1%}); "
-                f"latest: {examples}")
+        # Per source, so that a broken source stops the run even when its weight is small; then
+        # over all sources, for sources too rarely drawn to reach bad_fraction_min_samples alone.
+        scopes = [(f"source {name!r}", drawn, bad, index) for index, (name, drawn, bad)
+                  in enumerate(zip(self.source_names, self.source_drawn, self.source_bad))]
+        scopes.append(("all sources", self.samples_drawn, self.bad_samples, None))
+        for where, drawn, bad, index in scopes:
+            if drawn >= cfg.bad_fraction_min_samples and _fraction(bad, drawn) > cfg.max_bad_fraction:
+                latest = [f"{key}: {reason}" for key, reason, i in self._recent_bad if index in (None, i)]
+                raise BadSampleCeilingError(
+                    f"{bad} of {drawn} samples of {where} on rank {self.rank} were bad "
+                    f"({_fraction(bad, drawn):.1%} > max_bad_fraction {cfg.max_bad_fraction:.1%}); "
+                    f"latest: {'; '.join(latest[-5:])}")
+
+
+def _fraction(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
 
 
 def build_clip_loader(cfg: ClipLoaderConfig | dict, rank: int, world_size: int,

@@ -31,7 +31,7 @@ def test_batches_follow_the_batch_contract(portrait_shards):
     assert len(batches) == len(loader) == 8
     seen_scene = seen_human = False
     for batch in batches:
-        assert set(batch) == {"video", "reference", "pose", "face", "frame_index", "reference_index", "is_scene", "__key__"}
+        assert set(batch) == {"video", "reference", "pose", "face", "frame_index", "reference_index", "is_scene", "source", "__key__"}
         assert batch["frame_index"].shape == (2, 4) and batch["reference_index"].shape == (2,)
         assert torch.all(batch["frame_index"].diff(dim=1) == 2)   # frame_stride
         # reference "outside" (the default): never within the clip's span

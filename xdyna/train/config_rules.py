@@ -30,7 +30,7 @@ def _select(cfg: DictConfig, key: str, default=None):
 def shards_given(cfg: DictConfig) -> list[str]:
     """``preset=sd15`` leaves ``data.shards`` null for the user to fill (a ``???`` cannot replace
     the demo path in Hydra's merge): name the key before a job is queued or a model built."""
-    if "data" in cfg and _select(cfg, "data.shards") in (None, "", []):
+    if "data" in cfg and _select(cfg, "data.shards") in (None, "", []) and not _select(cfg, "data.sources"):
         return ["data.shards is not set: give the training shards, e.g. "
                 "data.shards=\"'/data/human/train-{000000..000999}.tar'\""]
     return []

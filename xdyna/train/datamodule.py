@@ -6,8 +6,7 @@ from typing import Any, Mapping
 
 import lightning as L
 
-from datapipes.loader import build_clip_loader, config_from_dict
-from datapipes.shards import expand_shard_urls
+from datapipes.loader import build_clip_loader, config_from_dict, shard_sets
 
 from ..errors import ConfigError
 from .loader_state import RankGatheredLoader
@@ -29,13 +28,10 @@ class ClipDataModule(L.LightningDataModule):
             self.config.validate()
         except ValueError as error:
             raise ConfigError(f"data: {error}") from None
-        for key in ("shards", "scene_shards"):
-            spec = getattr(self.config, key)
-            if spec is not None or key == "shards":
-                try:
-                    expand_shard_urls(spec)
-                except FileNotFoundError as error:
-                    raise FileNotFoundError(f"data.{key}: {error}") from None
+        try:
+            shard_sets(self.config)  # every source's shards; a missing one is named by its key
+        except ValueError as error:
+            raise ConfigError(f"data: {error}") from None
         self.loader = None
 
     def train_dataloader(self):
