@@ -13,7 +13,8 @@ Per logging interval (``trainer.log_every_n_steps``) and at the last step (``tra
   :func:`xdyna.models.info.training_flops` (torch's FLOP counter on a meta-device copy of the
   model at the batch's shape: encoders, forward, backward of what trains), counted once;
 - ``data/samples_drawn``, ``data/bad_samples``, ``data/bad_fraction``: rank 0's loader counters
-  (bad samples are skipped by the loader; the run stops past ``data.max_bad_fraction``);
+  (bad samples are skipped by the loader; the run stops past ``data.max_bad_fraction``), and the
+  same per data source as ``data/<source>/samples_drawn`` etc. (every key of ``loader.stats()``);
 - ``data/fresh_shm_batches``: batches rank 0's workers sent in fresh shared memory because all
   their reusable buffers were still held (``data.shm_buffers``; 0 when all is well).
 
