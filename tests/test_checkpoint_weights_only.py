@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from xdyna.pipelines.pipeline import PipelineFormatError, read_training_checkpoint
-from xdyna.train.export import ExportError, read_checkpoint
+from xdyna.checkpoint_io import ExportError, read_checkpoint
 
 
 class RunsCode:

@@ -6,7 +6,7 @@
 CHECKPOINT is a DeepSpeed ZeRO checkpoint directory (any stage, any number of ranks) or a
 single-file Lightning checkpoint. OUT_DIR gets ``<component>.safetensors`` for each trained
 component (dynamics_adapter, motion_modules, pose_controlnet, face_controlnet) and
-``export.json``; ``xdyna.train.export.load_components`` reads them back into the model.
+``export.json``; ``xdyna.checkpoint_io.load_components`` reads them back into the model.
 """
 
 from __future__ import annotations

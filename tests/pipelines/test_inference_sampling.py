@@ -11,7 +11,7 @@ import torch
 
 from xdyna.diffusion import add_noise, sampling_scheduler
 from xdyna.pipelines import ContextOptions, context_windows, denoise_latents, frame_similarity_prior, sample_clip
-from xdyna.pipelines.sampling import ImagePrompt, _blur
+from xdyna.pipelines.sampling import ImagePromptTokens, _blur
 
 SIZE = (64, 64)  # the output size of the conftest fixtures
 
@@ -210,7 +210,7 @@ def test_guidance_combines_the_branches():
     reference_latents = reference_latents.repeat(2, 1, 1, 1)
     conditional = torch.tensor([1.0, 2.0]).view(2, 1, 1).expand(2, 3, 8)
     unconditional = torch.tensor([-1.0, -3.0]).view(2, 1, 1).expand(2, 3, 8)
-    prompt = ImagePrompt(conditional, unconditional)
+    prompt = ImagePromptTokens(conditional, unconditional)
     context = ContextOptions(size=4, overlap=2, random_offset=False, windows_per_batch=2)
     got = denoise_latents(GuidanceProbe(), latents, reference_latents, scheduler_at_first_steps(1), image_prompt=prompt,
                           guidance_scale=7.5, context=context)

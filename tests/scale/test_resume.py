@@ -20,7 +20,8 @@ from datapipes.video import probe
 from tools.xdyna_export import main as xdyna_export
 
 from xdyna.train import checkpointing
-from xdyna.train.export import build_model_from_hparams, load_components, read_checkpoint
+from xdyna.checkpoint_io import load_components, read_checkpoint
+from xdyna.train.export import build_model_from_hparams
 from xdyna.train.module import XDynaTrainingModule
 
 from .tiny_run import BIN, WEIGHT_ATOL, clean_env, max_weight_difference, tiny_overrides

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from xdyna.train import checkpointing
-from xdyna.train.export import read_checkpoint
+from xdyna.checkpoint_io import read_checkpoint
 
 from .slurm_jobs import (ENDED_BADLY, JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnose, release_requeue_hold, restarts,
                          wait_for)

@@ -13,7 +13,7 @@ import torch
 
 from xdyna.train import checkpointing
 from xdyna.train.cli import sweep_job_run_id
-from xdyna.train.export import read_checkpoint
+from xdyna.checkpoint_io import read_checkpoint
 
 from .slurm_jobs import (ENDED_BADLY, JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnose, release_requeue_hold, restarts,
                          tail, wait_for)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import XDynaUserError
+from ..paths import require_file
 
 COMPONENT_FORMAT = "xdyna-component"
 
@@ -59,15 +60,6 @@ def require_folder(path: str | Path, what: str, config_key: str, must_contain: t
     return folder
 
 
-def require_file(path: str | Path, what: str, config_key: str) -> Path:
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise PretrainedNotFoundError(f"{config_key}: {str(file)!r} does not exist (expected {what})")
-    if not file.is_file():
-        raise PretrainedNotFoundError(f"{config_key}: {str(file)!r} is a folder, expected a file ({what})")
-    return file
-
-
 # ---------------------------------------------------------------------- reading files
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -86,7 +78,7 @@ def read_state_dict(path: str | Path, what: str = "weights", config_key: str = "
     """All tensors of a weights file, flat. safetensors, or a torch pickle read with
     ``weights_only=True``; an outer ``state_dict`` entry is unwrapped, a DDP ``module.`` prefix
     stripped, nested dicts (IP-Adapter's ``image_proj``/``ip_adapter``) joined with dots."""
-    file = require_file(path, what, config_key)
+    file = require_file(path, what, config_key, error=PretrainedNotFoundError)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -352,7 +344,8 @@ def load_component_safetensors(model, component: str, path: str | Path) -> LoadR
         raise WeightsMismatchError(f"unknown component {component!r}")
     if not params:
         raise WeightsMismatchError(f"component {component!r} is switched off in this model config")
-    file = require_file(path, f"a {component} .safetensors export", f"model.pretrained.components.{component}")
+    file = require_file(path, f"a {component} .safetensors export", f"model.pretrained.components.{component}",
+                        error=PretrainedNotFoundError)
     with safe_open(str(file), framework="pt") as handle:
         info = handle.metadata() or {}
     if info.get("component", component) != component:

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pipeline folder (XDynaPipeline.save_pretrained), export folder (xdyna-export, <run>/export) "
                               "or run directory (its export/)")
     weights.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
-                         help="xdyna-train checkpoint file; repeat to stack (stage 1, then stage 2)")
+                         help="xdyna-train checkpoint (.ckpt file or DeepSpeed folder); repeat to stack (stage 1, then stage 2)")
     weights.add_argument("--model", metavar="FLAVOUR|YAML",
                          help="model config: a flavour name (tiny: random weights, for demos and tests) or a model YAML "
                               "with local pretrained paths; with --checkpoint or an export it replaces their own config")

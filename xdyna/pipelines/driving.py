@@ -98,7 +98,9 @@ def prepare_reference(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return fit_frames(image[None], size)[0] * 2 - 1
 
 
-def _decode_fitted(video: VideoFile, indices: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def decode_fitted(video: VideoFile, indices: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Frames ``indices`` of ``video`` fitted to ``size`` (as :func:`fit_frames`), ``(T, 3, H, W)``
+    in [0, 1], decoded ``DECODE_CHUNK`` frames at a time."""
     chunks = [fit_frames(video.frames(indices[i : i + DECODE_CHUNK]), size) for i in range(0, len(indices), DECODE_CHUNK)]
     return torch.cat(chunks)
 
@@ -340,7 +342,7 @@ def prepare_driving(
             keypoints.append(np.asarray(pose_estimator(driving.frames(indices[i : i + DECODE_CHUNK]))))
         pose = render_keypoints(np.concatenate(keypoints), (driving.info.height, driving.info.width), size)
     else:
-        pose = _decode_fitted(pose_source, indices, size)
+        pose = decode_fitted(pose_source, indices, size)
     blank = blank_frames(pose)
     if bool(blank.all()):
         if not allow_blank_pose:
@@ -368,7 +370,7 @@ def prepare_driving(
         elif filled:
             notes.append(f"{filled} of {len(indices)} frames had no face detection: the last good face box was used")
         if not face_landmarks_in_pose:
-            frames = _decode_fitted(face_source, indices, size)
+            frames = decode_fitted(face_source, indices, size)
             face = face_maps(frames, faces, (face_source.info.height, face_source.info.width))
 
     if reference_box is not None:

@@ -31,7 +31,8 @@ from ..cpu_numerics import guarded
 from ..diffusion import sampling_scheduler
 from ..models import ModelConfig, XDynaModel, build_model
 from ..models.flavours import get_flavour
-from ..train.export import EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, load_checkpoint_file
+from ..checkpoint_io import (EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, deepspeed_model_states, export_component_files,
+                             hyper_parameters, read_checkpoint, read_export_manifest)
 from .context import ContextOptions
 from .checks import InputError, require_file
 from .sampling import denoise_latents, encode_image_prompt, initial_latents, model_has_image_prompt
@@ -84,48 +85,35 @@ def _describe(keys: Sequence[str]) -> str:
     return ", ".join(keys[:4]) + (f" ... (+{len(keys) - 4})" if len(keys) > 4 else "")
 
 
-def _load_lightning_checkpoint(file: Path) -> dict:
-    # Weights-only with the training checkpoints' allow-list (xdyna.train.export): a checkpoint
-    # never runs code on load, and one holding anything else is refused naming what it holds.
-    try:
-        payload = load_checkpoint_file(file)
-    except ExportError as error:
-        raise PipelineFormatError(str(error)) from None
-    if not isinstance(payload, Mapping):
-        raise PipelineFormatError(f"checkpoint {str(file)!r} holds a {type(payload).__name__}, expected a dict")
-    return dict(payload)
-
-
 def checkpoint_file(path: str | Path) -> Path:
-    """``path`` checked as an ``xdyna-train`` checkpoint file, before anything reads it. A folder is
-    refused with the reason: DeepSpeed writes sharded checkpoint folders that must first be
-    consolidated into one file, and a pipeline or export folder loads as pretrained."""
+    """``path`` checked as an ``xdyna-train`` checkpoint (a ``.ckpt`` file or a DeepSpeed checkpoint
+    folder), before anything reads it. A pipeline or export folder is refused with the reason: it
+    loads as pretrained."""
     file = Path(path).expanduser()
     if file.is_dir():
         if (file / PIPELINE_FILE).exists() or (file / EXPORT_MANIFEST).exists():
             raise InputError(f"checkpoint {str(file)!r} is a pipeline or export folder: load it as pretrained, not as a checkpoint")
-        raise InputError(
-            f"checkpoint {str(file)!r} is a folder, expected a .ckpt file (a DeepSpeed checkpoint folder must first be "
-            "consolidated into one file, e.g. with xdyna-export or Lightning's convert_zero_checkpoint_to_fp32_state_dict)"
-        )
+        if not deepspeed_model_states(file):
+            raise InputError(f"checkpoint {str(file)!r} is a folder without DeepSpeed model states "
+                             "(checkpoint/*model_states.pt): give a .ckpt file or a DeepSpeed checkpoint folder")
+        return file
     return require_file(file, "checkpoint")
 
 
 def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """``(model weights, model config or None)`` of an ``xdyna-train`` checkpoint file.
+    """``(model weights, model config or None)`` of an ``xdyna-train`` checkpoint, read by
+    :func:`xdyna.checkpoint_io.read_checkpoint` (weights-only: a checkpoint never runs code on load).
 
-    Weight names are those of :class:`XDynaModel` (the LightningModule's ``model.`` prefix is
-    removed); folders are refused (see :func:`checkpoint_file`).
+    Weight names are those of :class:`XDynaModel` (the LightningModule's ``model.`` prefix is removed).
     """
     file = checkpoint_file(path)
-    payload = _load_lightning_checkpoint(file)
-    state = payload.get("state_dict", payload)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipelineFormatError(f"checkpoint {str(file)!r} has no state_dict of tensors")
-    weights = {(name[len("model."):] if name.startswith("model.") else name): tensor for name, tensor in state.items()}
-    hyper = payload.get("hyper_parameters") or {}
-    model_config = dict(hyper["model"]) if isinstance(hyper, Mapping) and isinstance(hyper.get("model"), Mapping) else None
-    return weights, model_config
+    try:
+        weights, meta = read_checkpoint(file)
+    except ExportError as error:
+        raise PipelineFormatError(str(error)) from None
+    model_weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
+    model = hyper_parameters(meta).get("model")
+    return model_weights, dict(model) if isinstance(model, Mapping) else None
 
 
 def weights_folder(folder: str | Path) -> tuple[str, Path]:
@@ -166,17 +154,15 @@ def export_model_config(folder: str | Path, config: ModelConfig | Mapping[str, A
     kind, export_dir = weights_folder(folder)
     if kind != "export":
         raise PipelineFormatError(f"{str(folder)!r} is a pipeline folder, not an export: load it with from_pretrained")
-    manifest_file = export_dir / EXPORT_MANIFEST
     try:
-        manifest = json.loads(manifest_file.read_text())
-        components = manifest["components"]
-        recorded = manifest["model"]
-        if not isinstance(components, list) or not all(isinstance(c, str) for c in components):
-            raise TypeError(f"components is {components!r}, expected a list of names")
-        if config is None and not isinstance(recorded, Mapping):
-            raise TypeError(f"model is {type(recorded).__name__}, expected a model config mapping")
-    except (ValueError, KeyError, TypeError) as error:
-        raise PipelineFormatError(f"{str(manifest_file)!r} is unreadable ({error}); re-export with xdyna-export") from None
+        manifest = read_export_manifest(export_dir)
+        own = export_component_files(export_dir)
+    except ExportError as error:
+        raise PipelineFormatError(str(error)) from None
+    recorded = manifest.get("model")
+    if config is None and not isinstance(recorded, Mapping):
+        raise PipelineFormatError(f"{str(export_dir / EXPORT_MANIFEST)!r} is unreadable (model is {type(recorded).__name__}, "
+                                  "expected a model config mapping); re-export with xdyna-export")
     if isinstance(config, ModelConfig):
         config = asdict(config)
     mapping = json.loads(json.dumps(config if config is not None else recorded))  # a deep, plain copy
@@ -186,7 +172,6 @@ def export_model_config(folder: str | Path, config: ModelConfig | Mapping[str, A
         if not sd15_folder.is_dir():
             raise InputError(f"SD1.5 folder {str(sd15_folder)!r} does not exist or is not a folder (diffusers layout: unet/, vae/, ...)")
         pretrained["sd15"] = str(sd15_folder)
-    own = {name: str(export_dir / f"{name}.safetensors") for name in components}
     pretrained["components"] = {**(pretrained.get("components") or {}), **own}
     for name, path in pretrained["components"].items():
         if not Path(path).expanduser().is_file():

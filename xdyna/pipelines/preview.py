@@ -51,11 +51,11 @@ def ground_truth_frames(driving_video, indices, size: tuple[int, int]) -> np.nda
     ``VideoFile``): ``uint8 (F, H, W, 3)``, its frames at ``indices`` (the pipeline's
     ``DrivingSignals.indices``: same start, stride and length), cover-resized and centre-cropped to
     ``size`` by the decoding the face maps use."""
-    from .driving import _decode_fitted
+    from .driving import decode_fitted
     from .inputs import VideoFile
 
     video = driving_video if isinstance(driving_video, VideoFile) else VideoFile(driving_video, "driving video")
-    return to_uint8(_decode_fitted(video, np.asarray(indices), size), (0, 1))
+    return to_uint8(decode_fitted(video, np.asarray(indices), size), (0, 1))
 
 
 def write_ground_truth(out: str | Path, driving_video: str | Path, size: tuple[int, int], stride: int, start: int = 0,

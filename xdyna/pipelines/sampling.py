@@ -31,9 +31,10 @@ INITIAL_LATENTS = ("frame_similarity", "noise")
 
 
 @dataclass
-class ImagePrompt:
+class ImagePromptTokens:
     """Image-prompt tokens of the reference (``conditional``) and of the blank image
-    (``unconditional``), each ``(B, N, D)``. Classifier-free guidance differs only in these."""
+    (``unconditional``), each ``(B, N, D)``. Classifier-free guidance differs only in these.
+    (The network that makes them is :class:`xdyna.models.image_prompt.ImagePrompt`.)"""
 
     conditional: torch.Tensor
     unconditional: torch.Tensor
@@ -43,7 +44,7 @@ def model_has_image_prompt(model: XDynaModel) -> bool:
     return getattr(model, "image_prompt", None) is not None
 
 
-def encode_image_prompt(model: XDynaModel, reference: torch.Tensor) -> ImagePrompt | None:
+def encode_image_prompt(model: XDynaModel, reference: torch.Tensor) -> ImagePromptTokens | None:
     """The image prompt of ``reference (B, 3, H, W)`` in [-1, 1], or ``None`` when the model has
     no image prompt (then there is nothing to guide on, see :func:`denoise_latents`).
 
@@ -53,7 +54,7 @@ def encode_image_prompt(model: XDynaModel, reference: torch.Tensor) -> ImageProm
     if not model_has_image_prompt(model):
         return None
     conditional, unconditional = model.encode_image_prompt(reference)
-    return ImagePrompt(conditional, unconditional)
+    return ImagePromptTokens(conditional, unconditional)
 
 
 def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -151,7 +152,7 @@ def denoise_latents(
     scheduler: DDIMScheduler,
     pose: torch.Tensor | None = None,
     face: torch.Tensor | None = None,
-    image_prompt: ImagePrompt | None = None,
+    image_prompt: ImagePromptTokens | None = None,
     guidance_scale: float = 1.0,
     context: ContextOptions | None = ContextOptions(),
     eta: float = 0.0,

@@ -19,6 +19,7 @@ from datapipes.video import encode_mp4
 from ..metrics.validation import validation_metrics
 from ..pipelines import sample_clip
 from .batches import to_float_batch
+from .collectives import any_rank
 from .telemetry import logged_step
 
 
@@ -176,15 +177,9 @@ class HoldForSignal(L.Callback):
         self.poll_s = poll_s
         self.max_wait_s = max_wait_s
 
-    def _any_rank_signalled(self, trainer) -> bool:
-        flag = torch.tensor([0.0 if self.signals.received is None else 1.0], device=trainer.strategy.root_device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step != self.after_step or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             return
         deadline = time.monotonic() + self.max_wait_s
-        while not self._any_rank_signalled(trainer) and time.monotonic() < deadline:
+        while not any_rank(self.signals.received is not None, trainer.strategy.root_device) and time.monotonic() < deadline:
             time.sleep(self.poll_s)

@@ -20,11 +20,10 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 def default_run_id(environ: os._Environ | dict = os.environ) -> str:
     """A run id that survives SLURM requeues (the job id does) and is unique for local runs."""
-    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"slurm-{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-    if environ.get("SLURM_JOB_ID"):
-        return f"slurm-{environ['SLURM_JOB_ID']}"
-    return "local-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    from .slurm import slurm_job_id
+
+    job_id = slurm_job_id(environ)
+    return f"slurm-{job_id}" if job_id else "local-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def sweep_job_run_id(sweep_run_id: str, job_num: int) -> str:
@@ -138,8 +137,8 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from .checkpointing import list_complete_checkpoints, newest_complete_checkpoint
     from .scaleout import build_scaleout
     from .datamodule import ClipDataModule
-    from .export import (EXPORT_SUBDIR, checkpoint_refusal, deepspeed_globals, export_run, init_component_files,
-                         weights_only_loading)
+    from ..checkpoint_io import EXPORT_SUBDIR, checkpoint_refusal, deepspeed_globals, weights_only_loading
+    from .export import export_run, init_component_files
     from .module import XDynaTrainingModule
     from .telemetry import TrainingTelemetry
 

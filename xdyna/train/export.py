@@ -1,7 +1,8 @@
-"""Consolidate a training checkpoint into per-component safetensors, and read them back.
+"""Consolidate a training checkpoint into per-component safetensors.
 
-A checkpoint is either a DeepSpeed directory (ZeRO shards of the trainable weights only) or a
-single Lightning ``.ckpt`` file. The export is a directory::
+A checkpoint (read by :func:`xdyna.checkpoint_io.read_checkpoint`) is either a DeepSpeed directory
+(ZeRO shards of the trainable weights only) or a single Lightning ``.ckpt`` file. The export is a
+directory::
 
     <out>/dynamics_adapter.safetensors   # keys: XDynaModel parameter names (model.component_parameters())
     <out>/motion_modules.safetensors
@@ -10,145 +11,25 @@ single Lightning ``.ckpt`` file. The export is a directory::
     <out>/export.json                    # step, components, model config, source checkpoint
 
 Each file holds one component's fp32 weights under the names :meth:`XDynaModel.component_parameters`
-gives them, so ``load_components`` is a plain ``load_state_dict`` plus a completeness check.
+gives them, so :func:`xdyna.checkpoint_io.load_components` reads them back with a completeness check.
 Stage 2 starts from stage 1's export this way (``init.from_run`` in the training config).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import pickle
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file
 
 from datapipes.atomic import save_safetensors, write_bytes_atomic
 
-from xdyna.errors import XDynaUserError
+from xdyna.checkpoint_io import (EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, export_component_files, hyper_parameters,
+                                 read_checkpoint)
 
-EXPORT_MANIFEST = "export.json"
 _MODULE_PREFIX = "model."
-# Lightning wraps the LightningModule for DeepSpeed; parameter names inside the shards carry it.
-_WRAPPER_PREFIX = "_forward_module."
-
-
-class ExportError(XDynaUserError, RuntimeError):
-    """A checkpoint or export directory that cannot be read as asked."""
-
-
-# Besides tensors and plain containers (torch's weights-only allow-list), the only objects training
-# checkpoints hold: hyper-parameters in Lightning's AttributeDict (older Lightning; read as the
-# plain dict it is) and, in DeepSpeed's ZeRO optimizer shards, the stage enum, the loss scaler
-# and fragment addresses. Anything else is refused: a checkpoint must never run code on load.
-_LIGHTNING_GLOBALS = ((dict, "lightning.fabric.utilities.data.AttributeDict"),)
-_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-
-
-def deepspeed_globals() -> list:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loading(extra_globals: Iterable = ()) -> Iterator[None]:
-    """Every ``torch.load`` inside, third-party code's included (DeepSpeed's consolidation asks for
-    ``weights_only=False``), runs weights-only with the training checkpoints' allow-list plus
-    ``extra_globals``. torch's public switches: ``safe_globals`` and its force-weights-only variable."""
-    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
-    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals([*_LIGHTNING_GLOBALS, *extra_globals]):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
-        else:
-            os.environ[_FORCE_WEIGHTS_ONLY] = previous
-
-
-def _unsafe_globals(path: Path, extra_globals: Iterable) -> list[str]:
-    """Globals a checkpoint file's pickle names outside the allow-list (read without unpickling)."""
-    allowed = {name for _, name in _LIGHTNING_GLOBALS} | {f"{g.__module__}.{g.__qualname__}" for g in extra_globals}
-    try:
-        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
-    except Exception:  # not a zip checkpoint: nothing to list
-        return []
-
-
-def _refusal(path: Path, error: Exception, extra_globals: Iterable) -> ExportError:
-    """The one-line reason a checkpoint file was not read: objects outside the allow-list (named),
-    else not a torch checkpoint at all."""
-    unsafe = _unsafe_globals(path, extra_globals)
-    if unsafe:
-        return ExportError(f"checkpoint {str(path)!r} is refused: it holds {', '.join(unsafe[:5])}, which is not allowed in a "
-                           "checkpoint (only tensors, plain containers and what xdyna-train writes are read; loading "
-                           "anything else could run code)")
-    # torch's weights-only message opens with advice to load unsafely; its reason follows "error:".
-    reason = str(error).rpartition("WeightsUnpickler error:")[2].strip() or type(error).__name__
-    return ExportError(f"checkpoint {str(path)!r} is not a readable torch checkpoint ({reason.splitlines()[0][:200]})")
-
-
-def checkpoint_refusal(path: str | os.PathLike, error: Exception) -> ExportError:
-    """The one-line reason a checkpoint file, or a DeepSpeed checkpoint directory, was refused by a
-    weights-only read. DeepSpeed's own refusal names no file: the first shard holding a disallowed
-    object is named."""
-    path, allowed = Path(path), deepspeed_globals()
-    if path.is_dir():
-        shards = sorted(path.rglob("*.pt"))
-        path = next((shard for shard in shards if _unsafe_globals(shard, allowed)), shards[0] if shards else path)
-    return _refusal(path, error, allowed)
-
-
-def load_checkpoint_file(path: str | os.PathLike, extra_globals: Iterable = ()) -> Any:
-    """``torch.load`` of one checkpoint file, weights-only (see :func:`weights_only_loading`);
-    a file holding anything else fails with :class:`ExportError` naming what it holds."""
-    path = Path(path)
-    extra_globals = list(extra_globals)
-    with weights_only_loading(extra_globals):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError) as error:
-            raise _refusal(path, error, extra_globals) from None
-
-
-def _deepspeed_states(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag_dir = checkpoint_dir / "checkpoint"
-    model_states = sorted(tag_dir.glob("*model_states.pt"))
-    if not model_states:
-        raise ExportError(f"{checkpoint_dir}: no DeepSpeed model states under checkpoint/")
-    client_state = load_checkpoint_file(model_states[0])
-    with weights_only_loading(deepspeed_globals()):
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="checkpoint")
-        except pickle.UnpicklingError as error:
-            raise checkpoint_refusal(checkpoint_dir, error) from None
-    weights = {k.removeprefix(_WRAPPER_PREFIX): v for k, v in state.items()}
-    return weights, client_state
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full-precision trainable weights (LightningModule names) and the checkpoint's metadata."""
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        weights, meta = _deepspeed_states(path)
-    else:
-        meta = load_checkpoint_file(path)
-        weights = meta.get("state_dict") or {}
-    if "hyper_parameters" not in meta:
-        raise ExportError(f"{path}: no hyper_parameters (not written by XDynaTrainingModule)")
-    return {k: v.float() for k, v in weights.items()}, meta
 
 
 def component_names(model) -> dict[str, set[str]]:
@@ -187,7 +68,9 @@ def build_model_from_hparams(hparams: Mapping[str, Any]):
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model=None) -> dict[str, Any]:
     """Write the export directory; returns its manifest. ``model`` defaults to one built from the checkpoint."""
     weights, meta = read_checkpoint(checkpoint)
-    hparams = meta["hyper_parameters"]
+    hparams = hyper_parameters(meta)
+    if "model" not in hparams:
+        raise ExportError(f"{checkpoint}: no hyper_parameters with a model config (not written by XDynaTrainingModule)")
     model = model if model is not None else build_model_from_hparams(hparams)
     groups = split_by_component(weights, model)
     if not groups:
@@ -207,40 +90,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     }
     write_bytes_atomic(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return manifest
-
-
-def load_components(model, export_dir: str | os.PathLike, components: Iterable[str] | None = None) -> list[str]:
-    """Load exported components into ``model`` (an XDynaModel); returns the names loaded.
-
-    ``components=None`` loads every component present in the export. Each file must match the
-    model's component exactly (same names and shapes), else a clear error names the difference.
-    """
-    export_dir = Path(export_dir)
-    manifest_path = export_dir / EXPORT_MANIFEST
-    if not manifest_path.is_file():
-        raise ExportError(f"{export_dir} is not an xdyna export (no {EXPORT_MANIFEST}); make one with xdyna-export")
-    available = json.loads(manifest_path.read_text())["components"]
-    wanted = list(available if components is None else components)
-    absent = sorted(set(wanted) - set(available))
-    if absent:
-        raise ExportError(f"{export_dir} has no {absent} (it has {available})")
-    expected = component_names(model)
-    own = model.state_dict()
-    for component in wanted:
-        tensors = load_file(str(export_dir / f"{component}.safetensors"))
-        if set(tensors) != expected[component]:
-            diff = sorted(set(tensors) ^ expected[component])
-            raise ExportError(f"{component}.safetensors does not match this model's {component}: e.g. {diff[:3]}")
-        bad_shape = [k for k, v in tensors.items() if own[k].shape != v.shape]
-        if bad_shape:
-            raise ExportError(f"{component}.safetensors shape mismatch for {bad_shape[:3]} (another flavour?)")
-        model.load_state_dict(tensors, strict=False)
-    return wanted
-
-
-# A finished stage exports its newest checkpoint here (``checkpoint.export_at_end``);
-# ``init.from_run=<run id>`` reads it.
-EXPORT_SUBDIR = "export"
 
 
 def export_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike, model=None) -> Path:
@@ -291,12 +140,5 @@ def init_component_files(init: Mapping[str, Any], run_root: str | os.PathLike) -
         key = f"init.from_run={from_run}"
     else:
         export_dir = Path(str(components_dir)).expanduser()
-        if not (export_dir / EXPORT_MANIFEST).is_file():
-            raise ExportError(f"init.components_dir={components_dir}: no {EXPORT_MANIFEST} there; make one with xdyna-export")
         key = f"init.components_dir={components_dir}"
-    available = json.loads((export_dir / EXPORT_MANIFEST).read_text())["components"]
-    wanted = list(init.get("components") or available)
-    absent = sorted(set(wanted) - set(available))
-    if absent:
-        raise ExportError(f"{key}: the export has no {absent} (it has {available})")
-    return {name: str((export_dir / f"{name}.safetensors").resolve()) for name in wanted}
+    return export_component_files(export_dir, init.get("components") or None, key=key)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, XDynaUserError
 from ..diffusion import add_noise, sample_timesteps, training_scheduler
 from .batches import to_float_batch
+from .collectives import any_rank
 from .nonfinite import first_non_finite
 from .rank_rng import rank_generator
 from ..models.loading import mismatch_problems
@@ -116,10 +117,7 @@ class XDynaTrainingModule(L.LightningModule):
         Before stopping, every rank replays the step's forward pass with the same random draws and
         names the first module whose output went non-finite (all ranks replay, so that the
         collectives of a sharded model stay matched)."""
-        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if not bad.item():
+        if not any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device):
             return
         keys = list(batch.get("__key__", []))[:4]
         if rng_state is not None:

@@ -28,20 +28,13 @@ import subprocess
 from pathlib import Path
 
 import lightning as L
-import torch
-import torch.distributed as dist
 
 from xdyna.train.checkpoint_callbacks import save_step_checkpoint
+from xdyna.train.collectives import any_rank
 from xdyna.train.signals import DEFAULT_SIGNALS, PreemptionSignals
+from xdyna.train.slurm import slurm_job_id
 
 log = logging.getLogger(__name__)
-
-
-def slurm_job_id(environ=os.environ) -> str | None:
-    """``<array job>_<task>`` for array jobs (submitit sweeps), else the plain job id."""
-    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-    return environ.get("SLURM_JOB_ID")
 
 
 def requeue_slurm_job(job_id: str) -> bool:
@@ -97,14 +90,8 @@ class PreemptionHandler(L.Callback):
     def preempted(self) -> bool:
         return self.preempted_at_step is not None
 
-    def _agreed(self, trainer: L.Trainer) -> bool:
-        flag = torch.tensor([0 if self.received is None else 1], device=trainer.strategy.root_device)
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.preempted or not self._agreed(trainer):
+        if self.preempted or not any_rank(self.received is not None, trainer.strategy.root_device):
             return
         name = self.signals.name or "a peer's signal"
         self.checkpoint_path = save_step_checkpoint(trainer, self.checkpoint_dir)

@@ -11,16 +11,26 @@ directory and W&B run and resumes there.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+
+
+def slurm_job_id(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The SLURM job this process runs in, ``None`` outside SLURM: ``<array job>_<task>`` for array
+    jobs (submitit sweeps), else the plain job id. A requeued job keeps it, so the run id
+    (``xdyna.train.cli.default_run_id``) and the requeue target both come from here."""
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID") or None
 
 
 class LaunchError(ValueError):
