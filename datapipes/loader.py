@@ -12,9 +12,9 @@ How it works (details in docs/data.md):
   Each sample comes from one of the weighted ``sources`` (:class:`DataSource`), drawn with
   probability weight / sum of weights from the same generator; harmonic data fusion is the
   two-source case human + scene (``scene_probability`` is the scene source's weight).
-* ``resample=False`` (evaluation, inspection): one pass; shards (or, with fewer shards than
-  workers in total, samples) are dealt to the ``world_size * num_workers`` workers so every
-  sample is seen exactly once.
+* ``resample=False`` (evaluation, inspection): one pass over every shard set; each set's shards
+  (or, with fewer shards than workers in total, samples) are dealt to the
+  ``world_size * num_workers`` workers so every sample is seen exactly once.
 * Each batch carries its worker's state *after* the batch; the main process keeps the state
   of the last consumed batch of every worker. That is the loader's ``state_dict()``: byte
   offsets, pending bucket entries and generator states, a few hundred bytes per worker.
@@ -91,7 +91,7 @@ class ClipLoaderConfig:
     resample: bool = True
     batches_per_epoch: int = 50               # per rank; used when resample is true
     open_shards: int = 2                      # shards interleaved per worker
-    mix_queue: int = 16                       # held-back samples per kind when mixing one stream
+    mix_queue: int = 16                       # held-back clips per source when one stream is split by kind
     seed: int = 0
     max_bad_fraction: float = 0.05            # stop when bad / drawn exceeds this ...
     bad_fraction_min_samples: int = 100       # ... once this many samples were drawn
