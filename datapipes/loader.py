@@ -171,7 +171,8 @@ class ClipLoaderConfig:
                 if getattr(self, key) is not unset]
         if both:
             raise ValueError(f"sources and {', '.join(both)} are both set: with sources, set "
-                             f"{', '.join(f'{key}=null' for key in both)} (the weights hold the mix)")
+                             f"{', '.join(f'{key}=null' for key in both)} (the weights hold the mix; "
+                             f"no fusion is no scene source)")
         if not isinstance(self.sources, Mapping) or not self.sources:
             raise ValueError(f"sources must map names to {{shards, weight, kind}}, got {self.sources!r}")
         return [_parse_source(name, entry) for name, entry in self.sources.items()]
