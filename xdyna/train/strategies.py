@@ -52,9 +52,20 @@ class XDynaDeepSpeedStrategy(DeepSpeedStrategy):
     Every rank writes its shards into a hidden temporary directory; rank 0 renames it to the
     final name after a barrier and then updates the ``latest`` pointer (see
     :mod:`xdyna.train.checkpointing`).
+
+    ``zero3`` holds ZeRO-3 settings Lightning does not expose (``stage3_*`` keys of DeepSpeed's
+    ``zero_optimization`` config, e.g. ``stage3_max_reuse_distance``); they are merged into the
+    config Lightning builds.
     """
 
     strategy_name = "xdyna_deepspeed"
+
+    def __init__(self, *args: Any, zero3: dict[str, int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for key, value in (zero3 or {}).items():
+            if not key.startswith("stage3_"):
+                raise ValueError(f"trainer.strategy.zero3 takes DeepSpeed's stage3_* keys, got {key!r}")
+            self.config["zero_optimization"][key] = value
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -121,6 +132,7 @@ def _deepspeed_kwargs(
     exclude_frozen_parameters: bool,
     reduce_bucket_size: int,
     allgather_bucket_size: int,
+    zero3: dict[str, int] | None,
 ) -> dict[str, Any]:
     if zero_stage not in (1, 2, 3):
         raise ValueError(f"zero_stage must be 1, 2 or 3, got {zero_stage}")
@@ -133,6 +145,7 @@ def _deepspeed_kwargs(
         exclude_frozen_parameters=exclude_frozen_parameters,
         reduce_bucket_size=reduce_bucket_size,
         allgather_bucket_size=allgather_bucket_size,
+        zero3=dict(zero3 or {}) if zero_stage == 3 else {},
         logging_level=logging.WARN,
     )
 
@@ -146,6 +159,7 @@ def make_strategy(
     exclude_frozen_parameters: bool = True,
     reduce_bucket_size: int = 200_000_000,
     allgather_bucket_size: int = 200_000_000,
+    zero3: dict[str, int] | None = None,
     find_unused_parameters: bool = False,
     process_group_backend: str | None = None,
 ) -> Strategy | str:
@@ -161,7 +175,7 @@ def make_strategy(
     if kind in ("deepspeed", "deepspeed_cpu"):
         kwargs = _deepspeed_kwargs(
             zero_stage, offload_optimizer, offload_parameters, exclude_frozen_parameters,
-            reduce_bucket_size, allgather_bucket_size,
+            reduce_bucket_size, allgather_bucket_size, zero3,
         )
         if process_group_backend is not None:
             kwargs["process_group_backend"] = process_group_backend
