@@ -4,6 +4,9 @@ Lightning saves a stateful loader's ``state_dict()`` from the checkpoint of glob
 and hands that one state to every rank on resume, so rank 1 would restart from rank 0's
 position (the ClipLoader refuses it). :class:`RankGatheredLoader` gathers every rank's state
 into ``{"ranks": {rank: state}}``, which ``ClipLoader.load_state_dict`` picks its own entry from.
+Saved with another world size or worker count, the loader resumes from all the entries
+(``ClipLoader.load_elastic``, docs/data.md "Resuming"); ``resumed_from`` (passed through, as
+every other attribute) then says from what: ``{"ranks": N, "workers": W}``, else ``None``.
 """
 
 from __future__ import annotations
@@ -40,4 +43,6 @@ class RankGatheredLoader:
         return {"ranks": {0: state}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every rank gets every rank's entry: its own one on the same world size and worker
+        count, all of them to resume elastically on another."""
         self.loader.load_state_dict(state)
