@@ -172,3 +172,24 @@ def test_elastic_resume_refuses_another_shard_list_config_or_a_missing_rank(port
     # A single rank's state (not the gathered form) still resumes only that rank, as before.
     with pytest.raises(ValueError, match="world_size 2 -> 1"):
         build_clip_loader(_finite(portrait_shards, 1), 0, 1).load_state_dict(state["ranks"][0])
+
+
+def test_an_elastically_resumed_epoch_resumes_on_the_same_size_exactly(portrait_shards, landscape_shards):
+    cfg = lambda workers: loader_config([portrait_shards, landscape_shards], num_workers=workers, batch_size=3,  # noqa: E731
+                                        num_frames=2, buckets=[[64, 32], [32, 64]], batches_per_epoch=6)
+    _, state = _run(cfg(2), 2, stop_after=4)
+    straight = build_clip_loader(cfg(2), 0, 1)
+    straight.load_state_dict(state)
+    expected = _samples(list(straight))   # the rest of the elastic epoch, never stopped
+    assert len(expected) == 3 * 4
+    interrupted = build_clip_loader(cfg(2), 0, 1)
+    interrupted.load_state_dict(state)
+    got, again = [], None
+    for batch in interrupted:
+        got += _samples([batch])
+        if len(got) == 3:
+            again = build_clip_loader(cfg(2), 0, 1)
+            again.load_state_dict(pickle.loads(pickle.dumps({"ranks": {0: interrupted.state_dict()}})))
+            break
+    assert again.resumed_from is None and len(again) == len(straight) == 4 + 4
+    assert got + _samples(list(again)) == expected
