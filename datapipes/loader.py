@@ -794,19 +794,18 @@ class ClipLoader:
         self.elastic_deal = {int(k): v for k, v in state.get("elastic_deal", {}).items()}
         self._set_counters([state])
 
-    def _check_state(self, state: dict, expected: dict, why: str, elastic: bool = False) -> None:
-        """One ``ValueError`` naming what differs between ``state`` and this loader
-        (``elastic``: the worker count may differ, the rest of the config may not)."""
+    def _check_state(self, state: dict, expected: dict, why: str) -> None:
+        """One ``ValueError`` naming what differs between ``state`` and this loader; the
+        configured worker count is checked through ``expected`` (logical workers) only."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         changed = [f"{name} {state.get(name)!r} -> {value!r}" for name, value in expected.items()
                    if state.get(name) != value]
-        # The fingerprint holds the configured num_workers; one logical worker is 0 or 1 of them.
-        workers = [None]
-        if elastic:
-            saved = (state.get("fingerprint_parts") or {}).get("data config", {}).get("num_workers")
-            logical = state.get("num_workers")
-            workers = [saved] if saved is not None else [0, 1] if logical == 1 else [logical]
+        # The fingerprint holds the configured num_workers (one logical worker is 0 or 1 of
+        # them): compare as configured when saved, so that only the rest of the config counts.
+        saved = (state.get("fingerprint_parts") or {}).get("data config", {}).get("num_workers")
+        logical = state.get("num_workers")
+        workers = [saved] if saved is not None else [0, 1] if logical == 1 else [logical]
         if state.get("fingerprint") not in [self._fingerprint(n) for n in workers]:
             changed.append(f"fingerprint {state.get('fingerprint')!r} -> {self._fingerprint(workers[0])!r}" +
                            _what_changed(state.get("fingerprint_parts"), self._fingerprint_parts(workers[0])))
@@ -845,8 +844,7 @@ class ClipLoader:
         old_world, old_workers = first.get("world_size"), first.get("num_workers")
         why = "(an elastic resume needs every old rank's state, saved with the same shards and data config)"
         for rank, state in sorted(states.items()):
-            self._check_state(state, {"rank": rank, "world_size": old_world, "num_workers": old_workers}, why,
-                              elastic=True)
+            self._check_state(state, {"rank": rank, "world_size": old_world, "num_workers": old_workers}, why)
         missing = sorted(set(range(old_world)) - set(states))
         if missing:
             raise ValueError(f"cannot resume the data loader onto {self.world_size} ranks: the gathered state "

@@ -193,3 +193,13 @@ def test_an_elastically_resumed_epoch_resumes_on_the_same_size_exactly(portrait_
             break
     assert again.resumed_from is None and len(again) == len(straight) == 4 + 4
     assert got + _samples(list(again)) == expected
+
+
+def test_zero_and_one_workers_are_the_same_position(portrait_shards):
+    # num_workers 0 (in-process) and 1 (one worker process) both run one logical worker.
+    expected = _samples(build_clip_loader(loader_config(portrait_shards, num_workers=0), 0, 1))
+    _, state = _run(loader_config(portrait_shards, num_workers=0), 1, stop_after=2)
+    resumed = build_clip_loader(loader_config(portrait_shards, num_workers=1), 0, 1)
+    resumed.load_state_dict(state)
+    assert resumed.resumed_from is None
+    assert expected[:4] + _samples(resumed) == expected
