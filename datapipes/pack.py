@@ -526,8 +526,10 @@ class _PublishingSink:
     temporary name and renamed to ``<prefix>-%06d.tar`` only when complete (:func:`abort` removes
     the unfinished one), so no reader ever sees a partial shard under a final name."""
 
-    def __init__(self, out_dir: str, prefix: str, max_count: int, max_bytes: float):
+    def __init__(self, out_dir: str, prefix: str, max_count: int, max_bytes: float, on_shard=None):
         import webdataset
+
+        self.on_shard = on_shard  # called with each shard's final path once it is published
 
         self._writer_class = webdataset.TarWriter
         self.pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
@@ -552,6 +554,8 @@ class _PublishingSink:
             self._stream = None
             publish(self._temporary, self._final)
             self.urls.append(self._final)
+            if self.on_shard is not None:
+                self.on_shard(self._final)
 
     def close(self) -> list[str]:
         self._publish()
@@ -606,14 +610,15 @@ def _install_stop_handlers():
 def pack(items: list[PackItem], out_dir: str, options: PackOptions | None = None,
          shard_size: int = 1000, shard_bytes: float = 1e9, workers: int = 1,
          prefix: str = "shard", progress: bool = False, log_every: float = 30.0,
-         start_method: str = "spawn") -> PackSummary:
+         start_method: str = "spawn", on_shard=None) -> PackSummary:
     """Validate ``items`` in ``workers`` processes (0: in this process, without the protection
     against crashing or hanging decoders) and write the good ones as shards to
     ``out_dir/<prefix>-%06d.tar`` (at most ``shard_size`` samples / ``shard_bytes`` bytes each);
     rejects go to ``out_dir/quarantine.jsonl``. The output order follows ``items``.
     ``progress``: a bar on a terminal, else a plain line every ``log_every`` seconds.
     Ctrl-C / SIGTERM raise :class:`PackInterrupted` after stopping the workers; shards completed
-    until then stay published, the unfinished one is removed."""
+    until then stay published, the unfinished one is removed. ``on_shard(path)`` is called after
+    each shard is published (:mod:`datapipes.parts` hooks its kill test there)."""
     options = options or PackOptions()
     if start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
@@ -629,7 +634,7 @@ def pack(items: list[PackItem], out_dir: str, options: PackOptions | None = None
             os.unlink(os.path.join(out_dir, name))
     quarantine_path = os.path.join(out_dir, QUARANTINE)
     accepted, rejected, frames, seconds, kinds, seen, warned = 0, 0, 0, 0.0, {}, set(), {}
-    sink = _PublishingSink(out_dir, prefix, shard_size, shard_bytes)
+    sink = _PublishingSink(out_dir, prefix, shard_size, shard_bytes, on_shard)
     meter = _Progress(len(items), progress, log_every)
     previous_handlers = _install_stop_handlers()
     pool, finished = None, False

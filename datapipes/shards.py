@@ -53,7 +53,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 def expand_shard_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard urls from a directory (its ``*.tar``, recursively, sorted), a brace pattern
-    (``shards/train-{000000..000009}.tar``), a glob, a single file, or a list of those.
+    (``shards/train-{000000..000009}.tar``), a glob, a single file, a dataset index (``*.json``
+    from ``xdyna-data pack --parts``: the shards it lists), or a list of those.
 
     Local paths must exist: a missing one raises ``FileNotFoundError`` naming it.
     Remote urls (``pipe:``, ``http(s)://`` ...) are passed through unchecked.
@@ -76,6 +77,10 @@ def _expand_one(pattern: str, original: str) -> list[str]:
         return [pattern]
     path = pattern[len("file:"):] if pattern.startswith("file:") else pattern
     path = os.path.expanduser(path)
+    if path.endswith(".json") and os.path.isfile(path):  # a dataset index (xdyna-data pack --parts)
+        from datapipes.index import shards_of_index
+
+        return [url for listed in shards_of_index(path) for url in _expand_one(listed, original=path)]
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
         if not found:

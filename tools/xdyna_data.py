@@ -23,6 +23,22 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# pack options that shape the SLURM array job, not the pack itself (left out of the job's command)
+_SLURM_ONLY = {"--slurm": 0, "--dry-run": 0, "--slurm-partition": 1, "--slurm-time": 1, "--slurm-cpus": 1,
+               "--slurm-setup": 1, "--slurm-max-running": 1}
+
+
+def _curate_config(args: argparse.Namespace):
+    if not args.shots:
+        return None
+    from datapipes.curate import CurateConfig
+
+    return CurateConfig(shot_threshold=args.shot_threshold, min_clip_frames=args.min_clip_frames,
+                        max_clip_frames=args.max_clip_frames, cut_margin=args.cut_margin, motion=args.motion,
+                        min_motion=args.min_motion, max_people=args.max_people,
+                        person_detector_model=args.person_detector_model).validate()
+
+
 def _pack(args: argparse.Namespace) -> int:
     from datapipes.pack import PackOptions, items_from_folder, items_from_manifest, pack
     from datapipes.validate import Rules
@@ -31,6 +47,9 @@ def _pack(args: argparse.Namespace) -> int:
         items = items_from_manifest(args.input)
     else:
         items = items_from_folder(args.input, kind=args.kind, license=args.license)
+    curate = _curate_config(args)
+    if (args.part is not None or args.slurm or curate is not None) and args.parts is None:
+        raise ValueError("--part, --slurm and --shots work on a partitioned pack: give --parts P (1 is fine)")
     options = PackOptions(Rules(args.min_frames, args.min_height, args.min_width, args.verify),
                           face_detector=args.face_detector, face_landmarks_model=args.face_landmarks_model,
                           require_pose=not args.allow_missing_pose,
@@ -38,10 +57,66 @@ def _pack(args: argparse.Namespace) -> int:
                           pose_detector_model=args.pose_detector_model,
                           max_video_bytes=int(args.max_video_mib * 2**20), max_json_bytes=int(args.max_json_mib * 2**20),
                           item_timeout=args.item_timeout or None)
+    if args.parts is not None:
+        return _pack_parts(args, items, options, curate)
     summary = pack(items, args.out, options, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
                    workers=args.workers, prefix=args.prefix, progress=True, log_every=args.log_every)
     print(summary)
     return 0 if summary.accepted else 1
+
+
+def _pack_parts(args: argparse.Namespace, items, options, curate) -> int:
+    """``--parts P``: one part (``--part i``), every part in turn here, or an array job (``--slurm``)."""
+    from datapipes.index import build_index
+    from datapipes.parts import PartSettings, ensure_plan, finished_parts, make_plan, run_part, dedupe_keys
+
+    settings = PartSettings(parts=args.parts, prefix=args.prefix, shard_size=args.shard_size,
+                            shard_bytes=args.shard_bytes, options=options, curate=curate)
+    if args.slurm:
+        from launch.pack_array import submit_pack_array
+
+        return submit_pack_array(args, _job_argv(args._argv), settings, items)
+    chosen = range(args.parts) if args.part is None else [args.part]
+    for part in chosen:
+        record = run_part(items, args.out, settings, part, workers=args.workers, progress=True,
+                          log_every=args.log_every)
+        state = "already finished, skipped" if record["skipped"] else f"done in {record['timings']['total_s']:.1f} s"
+        print(f"part {part}/{args.parts}: {state}: {record['packed']} packed, {len(record['quarantined'])} "
+              f"quarantined, {len(record['shards'])} shard(s)")
+    plan = make_plan(dedupe_keys(items), settings)
+    done = finished_parts(args.out, plan)
+    if len(done) == args.parts:  # the last part to finish writes the index (a tie writes the same bytes)
+        index = build_index(args.out)
+        print(f"index {os.path.join(args.out, 'index.json')}: {index['samples']} clip(s) "
+              f"({', '.join(f'{n} {k}' for k, n in index['kinds'].items()) or 'none'}), "
+              f"{index['quarantined']} quarantined, {len(index['shards'])} shard(s)")
+    else:
+        print(f"{len(done)} of {args.parts} part(s) finished; the index is written when all are")
+    return 0
+
+
+def _job_argv(argv: list[str]) -> list[str]:
+    """The pack command line of an array task: the user's, without the options of the job itself."""
+    kept, skip = [], 0
+    for word in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = word.split("=", 1)[0]
+        if name in _SLURM_ONLY:
+            skip = _SLURM_ONLY[name] if "=" not in word else 0
+            continue
+        kept.append(word)
+    return kept
+
+
+def _index(args: argparse.Namespace) -> int:
+    from datapipes.index import build_index
+
+    index = build_index(args.out)
+    print(f"index {os.path.join(args.out, 'index.json')}: {index['samples']} clip(s), {index['quarantined']} "
+          f"quarantined, {len(index['shards'])} shard(s), {index['frames']} frames")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -123,7 +198,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reject an input whose worker takes longer (0: no limit)")
     pack.add_argument("--log-every", type=float, default=30, metavar="SECONDS",
                       help="when stderr is no terminal (a log file, a SLURM job), a progress line this often")
+    parts = pack.add_argument_group("distributed, resumable packing (docs/data.md, 'Distributed packing')")
+    parts.add_argument("--parts", type=int, default=None, metavar="P",
+                       help="split the inputs into P parts, each packed on its own and skipped when rerun once done")
+    parts.add_argument("--part", type=int, default=None, metavar="I",
+                       help="pack only part I (0-based; an array task); without it: every part, one after another")
+    parts.add_argument("--slurm", action="store_true",
+                       help="submit the unfinished parts as one SLURM array job (one task per part)")
+    parts.add_argument("--dry-run", action="store_true", help="with --slurm: write the sbatch script, do not submit")
+    parts.add_argument("--slurm-partition", default=None)
+    parts.add_argument("--slurm-time", default="24:00:00")
+    parts.add_argument("--slurm-cpus", type=int, default=None, help="cpus per array task (default: --workers or 1)")
+    parts.add_argument("--slurm-max-running", type=int, default=None, help="at most this many tasks at once (%%N)")
+    parts.add_argument("--slurm-setup", action="append", default=[],
+                       help="a shell line run before the pack in each task (module load ..., source venv); repeatable")
+    shots = pack.add_argument_group("raw footage -> clips (--shots; docs/data.md, 'Curation')")
+    shots.add_argument("--shots", action="store_true",
+                       help="cut each input into shots and clips, score their motion, leave out static scene clips")
+    shots.add_argument("--shot-threshold", type=float, default=27.0, help="PySceneDetect ContentDetector threshold")
+    shots.add_argument("--min-clip-frames", type=int, default=16)
+    shots.add_argument("--max-clip-frames", type=int, default=128)
+    shots.add_argument("--cut-margin", type=int, default=2, help="frames left out on each side of a cut")
+    shots.add_argument("--motion", choices=("farneback", "diff"), default="farneback")
+    shots.add_argument("--min-motion", type=float, default=0.1,
+                       help="scene clips with less motion are left out (farneback: px/frame at 128 px short side)")
+    shots.add_argument("--max-people", type=int, default=1, help="human clips with more people are left out")
+    shots.add_argument("--person-detector-model", default=None, metavar="PATH",
+                       help="local YOLOX .onnx counting people in human clips (without it: not counted)")
     pack.set_defaults(run=_pack)
+
+    index = commands.add_parser("index", help="write DIR/index.json of a finished partitioned pack")
+    index.add_argument("out", help="the pack's output directory")
+    index.set_defaults(run=_index)
 
     inspect = commands.add_parser("inspect", help="count and verify the samples of a shard set")
     inspect.add_argument("shards", nargs="+", help="directory, brace pattern, glob or files")
@@ -145,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except KeyboardInterrupt as interrupt:  # datapipes.pack.PackInterrupted too (Ctrl-C, SIGTERM)

@@ -126,3 +126,57 @@ def test_pack_names_a_bad_face_detector_in_one_line(tmp_path, capsys):
         error = capsys.readouterr().err
         assert fragment in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+class _Killed(BaseException):
+    """What the debug exit hook raises here instead of ``os._exit`` (which would end pytest)."""
+
+
+def test_pack_parts_resume_after_a_kill_equals_a_single_pack(tmp_path, capsys, monkeypatch):
+    import datapipes.parts as parts
+    from tests.data.pack_inputs import packed_samples, write_manifest
+
+    manifest = write_manifest(tmp_path / "in")
+    common = ["--workers", "0", "--shard-size", "2", "--min-frames", "8"]
+    assert main(["pack", manifest, "--out", str(tmp_path / "single"), *common]) == 0
+    single = packed_samples(str(tmp_path / "single"))
+    assert len(single) == 7
+    out = tmp_path / "parts"
+    args = ["pack", manifest, "--out", str(out), "--parts", "3", *common]
+
+    def killed(code):
+        raise _Killed(code)
+
+    # part 1 dies right after its first shard, leaving that shard and its staging folder behind
+    monkeypatch.setenv(parts.DEBUG_EXIT_ENV, "1:1")
+    monkeypatch.setattr(parts.os, "_exit", killed)
+    try:
+        main([*args, "--part", "1"])
+        raise AssertionError("part 1 was not killed")
+    except _Killed:
+        pass
+    monkeypatch.delenv(parts.DEBUG_EXIT_ENV)
+    assert os.listdir(out / ".parts") and not (out / "parts" / "part-00001.json").exists()
+    # a kill between moving the shards and writing the record: a stray final-name shard of part 1
+    (out / "shard-00001-000009.tar").write_bytes(b"stale")
+    assert main([*args, "--part", "0"]) == 0
+    assert "1 of 3 part(s) finished" in capsys.readouterr().out and not (out / "index.json").exists()
+    assert main(args) == 0          # every part: 0 skipped, 1 redone from scratch, 2 packed
+    printed = capsys.readouterr().out
+    assert "part 0/3: already finished, skipped" in printed and "index" in printed
+    assert not (out / "shard-00001-000009.tar").exists() and os.listdir(out / ".parts") == []
+    index = json.loads((out / "index.json").read_text())
+    assert packed_samples(str(out / "index.json")) == single == packed_samples(str(out))
+    assert index["samples"] == 7 and index["kinds"] == {"human": 5, "scene": 2}
+    assert index["sources"] == {"dance": 5, "nature": 2} and index["resolutions"] == {"64x64": 7}
+    assert [os.path.basename(q["input"]["video"]) for q in index["quarantine"]] == ["broken.mp4"]
+    assert index["frames"] == 7 * 16 and sorted(c["key"] for c in index["clips"]) == sorted(single)
+    record = json.loads((out / "parts" / "part-00001.json").read_text())
+    assert "shard-00001-000009.tar" in record["removed_leftovers"] and record["timings"]["total_s"] >= 0
+
+    # a rerun touches nothing; another part count is refused, naming what differs
+    before = {name: (out / name).stat().st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")}
+    assert main(args) == 0 and printed.count("skipped") < capsys.readouterr().out.count("skipped") == 3
+    assert {name: (out / name).stat().st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")} == before
+    assert main(["pack", manifest, "--out", str(out), "--parts", "2", *common]) == 2
+    assert "differs in: parts" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""The dataset index of a partitioned pack: ``DIR/index.json``, written once every part is done.
+
+It lists the shards (relative to the index, so a moved dataset stays readable), totals and
+histograms, face and person coverage of the human clips, the quarantine with reasons, each
+packed clip's facts, and every curation decision with its scores (:mod:`datapipes.curate`), so
+thresholds can be retuned from the index without decoding again. The loader and ``inspect``
+take the index wherever they take a shard spec (``datapipes.shards.expand_shard_urls``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from datapipes import shards
+from datapipes.atomic import write_bytes_atomic
+from datapipes.face import face_track_from_json
+from datapipes.pose import keypoints_from_json, person_frames
+
+INDEX = "index.json"
+FORMAT = "xdyna-index-v1"
+
+
+def clip_records(urls: list[str]) -> list[dict]:
+    """Facts of every sample of ``urls`` from its JSON members (no decoding): key, shard, kind,
+    source, frames, fps, size, seconds, and for human clips the frames with a face (``face.json``)
+    and with a person (``pose.json``); ``None`` where that member is absent."""
+    reader = shards.TarSampleReader(urls)
+    records = []
+    try:
+        for number, url in enumerate(urls):
+            for sample in reader.iter_shard(number):
+                meta = sample.meta()
+                record = {"key": sample.key, "shard": url, "kind": meta["kind"], "source": meta["source"],
+                          "license": meta["license"], "frames": meta["num_frames"], "fps": meta["fps"],
+                          "height": meta["height"], "width": meta["width"],
+                          "seconds": meta["num_frames"] / meta["fps"], "face_frames": None, "person_frames": None,
+                          "pose": next((m for m in (shards.POSE_KEYPOINTS, shards.POSE_VIDEO) if m in sample.members),
+                                       None)}
+                if shards.FACE in sample.members:
+                    track = face_track_from_json(sample.members[shards.FACE], f"{sample.key}.{shards.FACE}")
+                    record["face_frames"] = sum(face is not None for face in track)
+                if shards.POSE_KEYPOINTS in sample.members:
+                    keypoints = keypoints_from_json(sample.members[shards.POSE_KEYPOINTS],
+                                                    f"{sample.key}.{shards.POSE_KEYPOINTS}")
+                    record["person_frames"] = int(person_frames(keypoints).sum())
+                records.append(record)
+    finally:
+        reader.close()
+    return records
+
+
+def _coverage(clips: list[dict], field: str) -> dict:
+    known = [clip[field] / clip["frames"] for clip in clips if clip["kind"] == "human" and clip[field] is not None]
+    return {"clips": len(known), "mean": sum(known) / len(known) if known else None,
+            "clips_without": sum(value == 0 for value in known)}
+
+
+def build_index(out_dir: str) -> dict:
+    """Gather every part's record of the pack in ``out_dir`` into ``out_dir/index.json``;
+    ``ValueError`` naming the unfinished parts when any is missing."""
+    from datapipes.parts import PLAN, finished_parts, read_record
+
+    plan_path = os.path.join(out_dir, PLAN)
+    if not os.path.isfile(plan_path):
+        raise FileNotFoundError(f"{out_dir!r} holds no partitioned pack ({PLAN} missing): "
+                                f"pack it with --parts (a single --parts 1 is fine)")
+    with open(plan_path) as handle:
+        plan = json.load(handle)
+    done = set(finished_parts(out_dir, plan))
+    missing = [part for part in range(plan["parts"]) if part not in done]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise ValueError(f"{out_dir!r}: {len(missing)} of {plan['parts']} part(s) not finished: {shown}; "
+                         f"rerun the pack (finished parts are skipped)")
+    records = [read_record(out_dir, part) for part in range(plan["parts"])]
+    clips = [clip for record in records for clip in record["clips"]]
+    quarantine = [entry for record in records for entry in record["quarantined"]]
+    curation = [decision for record in records for decision in record["curation"]]
+    keys = Counter(clip["key"] for clip in clips)
+    duplicates = sorted(key for key, count in keys.items() if count > 1)
+    if duplicates:  # cannot happen with one plan (keys are deduplicated before the split): a real fault
+        raise ValueError(f"{out_dir!r}: keys packed by more than one part: {duplicates[:10]}")
+    index = {
+        "format": FORMAT, "fingerprint": plan["fingerprint"], "parts": plan["parts"], "inputs": plan["inputs"],
+        "shards": [name for record in records for name in record["shards"]],
+        "samples": len(clips), "quarantined": len(quarantine),
+        "frames": sum(clip["frames"] for clip in clips),
+        "seconds": sum(clip["seconds"] for clip in clips),
+        "kinds": dict(sorted(Counter(clip["kind"] for clip in clips).items())),
+        "sources": dict(sorted(Counter(clip["source"] for clip in clips).items())),
+        "frames_per_kind": {kind: sum(c["frames"] for c in clips if c["kind"] == kind)
+                            for kind in sorted({c["kind"] for c in clips})},
+        "seconds_per_kind": {kind: sum(c["seconds"] for c in clips if c["kind"] == kind)
+                             for kind in sorted({c["kind"] for c in clips})},
+        "resolutions": dict(sorted(Counter(f"{c['height']}x{c['width']}" for c in clips).items())),
+        "face_coverage": _coverage(clips, "face_frames"),
+        "person_coverage": _coverage(clips, "person_frames"),
+        "curation_decisions": dict(sorted(Counter(d["decision"] for d in curation).items())),
+        "timings": {"total_s": sum(r["timings"]["total_s"] for r in records),
+                    "per_part_s": [r["timings"]["total_s"] for r in records]},
+        "quarantine": quarantine, "clips": clips, "curation": curation,
+    }
+    write_bytes_atomic(os.path.join(out_dir, INDEX), json.dumps(index, indent=1, allow_nan=False).encode())
+    return index
+
+
+def shards_of_index(path: str) -> list[str]:
+    """The shard paths an index lists, resolved against the index's folder."""
+    with open(path) as handle:
+        try:
+            index = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"dataset index {path!r} is not JSON: {error}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path!r} is no dataset index (want a JSON object with format {FORMAT!r} and a shard list)")
+    base = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(base, name) for name in index["shards"]]
