@@ -221,7 +221,7 @@ def run_part(items: list[PackItem], out_dir: str, settings: PartSettings, part: 
         "warnings": summary.warnings if summary else {}, "clips": clips, "curation": curation,
         "timings": {"curate_s": round(curate_seconds, 3), "pack_s": round(pack_seconds, 3),
                     "total_s": round(time.monotonic() - started, 3)},
-        "host": socket.gethostname(), "job": slurm_job_id(), "removed_leftovers": removed,
+        "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME"), "job": slurm_job_id(), "removed_leftovers": removed,
     }
     os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
     write_bytes_atomic(record_path(out_dir, part), json.dumps(record, indent=1, allow_nan=False).encode())
