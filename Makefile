@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
-	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev,curate]"
 	$(PIP) install -q --disable-pip-version-check --no-deps "facenet-pytorch>=2.6,<2.7"
 	@touch $@
 

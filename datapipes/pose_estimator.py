@@ -82,6 +82,17 @@ class YoloxPersonBox:
         self.grid, self.stride = np.concatenate(grids).astype(np.float32), np.concatenate(strides).astype(np.float32)
 
     def __call__(self, frame: np.ndarray) -> tuple[float, float, float, float] | None:
+        boxes, scores = self.detect(frame)
+        best = int(np.argmax(scores))
+        if scores[best] < self.min_score:
+            return None
+        height, width = frame.shape[:2]
+        x0, y0, x1, y1 = boxes[best].tolist()
+        return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+
+    def detect(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every candidate person box ``(N, 4)`` in frame pixels and its score (``datapipes.curate``
+        counts people from them)."""
         height, width = frame.shape[:2]
         ratio = min(self.size / height, self.size / width)
         resized = Image.fromarray(frame).resize((max(1, round(width * ratio)), max(1, round(height * ratio))),
@@ -91,11 +102,7 @@ class YoloxPersonBox:
         tensor = canvas[:, :, ::-1].transpose(2, 0, 1)[None]  # RGB -> BGR, HWC -> NCHW
         (raw,) = self.session.run(None, {self.input_name: np.ascontiguousarray(tensor)})
         boxes, scores = decode_yolox(raw[0], self.grid, self.stride)
-        best = int(np.argmax(scores))
-        if scores[best] < self.min_score:
-            return None
-        x0, y0, x1, y1 = (boxes[best] / ratio).tolist()
-        return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+        return boxes / ratio, scores
 
 
 def decode_yolox(raw: np.ndarray, grid: np.ndarray, stride: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
