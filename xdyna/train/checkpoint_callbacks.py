@@ -8,7 +8,6 @@ deletes the newest one.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 from pathlib import Path
@@ -19,9 +18,7 @@ import torch
 import torch.distributed as dist
 
 from xdyna.train import checkpointing
-
-log = logging.getLogger(__name__)
-
+from xdyna.train.rank_rng import rank_generator, reseed_global_generators
 
 def save_step_checkpoint(trainer: L.Trainer, checkpoint_dir: str | os.PathLike) -> Path:
     """Collective: the checkpoint of the current optimizer step, unless one is already committed."""
@@ -104,11 +101,19 @@ class RandomStateCheckpoint(L.Callback):
     gathers all ranks' states. They are applied at the first training batch after a resume, not
     at load time: between load and that batch Lightning builds the data iterator, which draws
     from the global RNG once, while the never-stopped run drew that number at its epoch start.
+
+    A resume on another world size (N saved ranks, M now) maps no old stream onto a new rank:
+    it starts the next *generation* of the elastic-resume rule in :mod:`xdyna.train.rank_rng`
+    (every rank's objective stream from ``(seed, rank, generation)``, the global generators from
+    ``(seed, generation)``), and the generation travels in later checkpoints. Every resume prints
+    one line on rank 0: ``resumed from N ranks onto M at step S``.
     """
 
     def __init__(self) -> None:
         self._pending: dict | None = None
         self._module = None
+        # Elastic resumes this run has been through (see xdyna.train.rank_rng).
+        self.generation = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._module = pl_module
@@ -124,8 +129,8 @@ class RandomStateCheckpoint(L.Callback):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
-            return {"ranks": gathered}
-        return {"ranks": [states]}
+            return {"ranks": gathered, "generation": self.generation}
+        return {"ranks": [states], "generation": self.generation}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
@@ -133,15 +138,21 @@ class RandomStateCheckpoint(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is None:
             return
-        ranks = self._pending["ranks"]
+        ranks, saved_generation = self._pending["ranks"], int(self._pending.get("generation", 0))
         self._pending = None
-        if len(ranks) != trainer.world_size:
-            # A different world size: no sensible mapping of streams to ranks; every rank stays on
-            # the streams freshly derived from (seed, its new rank).
-            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: not restored",
-                        len(ranks), trainer.world_size)
+        if trainer.is_global_zero:
+            print(f"xdyna-train: resumed from {len(ranks)} ranks onto {trainer.world_size} at step {trainer.global_step}",
+                  flush=True)
+        if len(ranks) == trainer.world_size:
+            self.generation = saved_generation
+            mine = ranks[trainer.global_rank]
+            set_rng_states(mine)
+            if "objective" in mine and hasattr(pl_module, "load_objective_rng_state"):
+                pl_module.load_objective_rng_state(mine["objective"])
             return
-        mine = ranks[trainer.global_rank]
-        set_rng_states(mine)
-        if "objective" in mine and hasattr(pl_module, "load_objective_rng_state"):
-            pl_module.load_objective_rng_state(mine["objective"])
+        self.generation = saved_generation + 1
+        reseed_global_generators(pl_module.seed, self.generation)
+        if hasattr(pl_module, "load_objective_rng_state"):
+            device = pl_module.objective_generator().device
+            fresh = rank_generator(pl_module.seed, trainer.global_rank, device, generation=self.generation)
+            pl_module.load_objective_rng_state(fresh.get_state())

@@ -30,6 +30,9 @@ import torch
 
 LATEST_POINTER = "latest"
 COMPLETE_MARKER = "COMPLETE"
+# The universal conversion of a DeepSpeed checkpoint for a resume on another world size
+# (:mod:`xdyna.train.elastic`) lives beside it under this suffix.
+UNIVERSAL_SUFFIX = ".universal"
 _PARTIAL_TAG = ".partial-"
 # Checkpoint names carry the optimizer step: ``step=000123.ckpt`` (Lightning's ModelCheckpoint
 # with ``filename="{step:06d}"``) or ``step=000123-<suffix>.ckpt``.
@@ -73,8 +76,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def commit(partial: str | os.PathLike, final_path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Rename a fully written ``partial`` file or directory to ``final_path``, then point ``latest`` at it.
+def commit(partial: str | os.PathLike, final_path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+           *, move_latest: bool = True) -> Path:
+    """Rename a fully written ``partial`` file or directory to ``final_path``, then point ``latest`` at it
+    (unless ``move_latest`` is off: a derived folder such as a universal conversion).
 
     Runs on one process only (rank 0). A directory gets its ``COMPLETE`` marker (with
     ``metadata``) before the rename. An existing ``final_path`` is replaced: it is renamed aside
@@ -90,9 +95,14 @@ def commit(partial: str | os.PathLike, final_path: str | os.PathLike, metadata: 
         os.replace(final_path, retired)
     os.replace(partial, final_path)
     _fsync_dir(final_path.parent)
-    write_text_atomic(final_path.parent / LATEST_POINTER, final_path.name + "\n")
+    if move_latest:
+        write_text_atomic(final_path.parent / LATEST_POINTER, final_path.name + "\n")
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
+        # A universal conversion of the replaced checkpoint no longer describes it.
+        stale = final_path.with_name(final_path.name + UNIVERSAL_SUFFIX)
+        if stale.exists():
+            remove_checkpoint(stale)
     return final_path
 
 
@@ -110,6 +120,22 @@ def save_file_atomic(checkpoint: dict[str, Any], final_path: str | os.PathLike) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What :func:`commit` recorded in a directory checkpoint's ``COMPLETE`` marker (``world_size``,
+    ``zero_stage``, ``global_step``, ...); ``{}`` for a file checkpoint or an empty marker."""
+    marker = Path(path) / COMPLETE_MARKER
+    if not marker.is_file():
+        return {}
+    text = marker.read_text().strip()
+    try:
+        metadata = json.loads(text) if text else {}
+    except ValueError:
+        raise CheckpointError(f"{marker} is not the JSON xdyna-train writes ({text[:80]!r})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{marker} holds {type(metadata).__name__}, expected a JSON object")
+    return metadata
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -164,14 +190,17 @@ def newest_complete_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def remove_checkpoint(path: str | os.PathLike) -> None:
-    """Delete a checkpoint so that no half-deleted one ever looks complete: rename it away first."""
+    """Delete a checkpoint so that no half-deleted one ever looks complete: rename it away first.
+    Folders derived from it (its universal conversion, ``<name>.universal``) go with it."""
     path = Path(path)
-    doomed = partial_path(path, "deleting-" + uuid.uuid4().hex[:8])
-    os.replace(path, doomed)
-    if doomed.is_dir():
-        shutil.rmtree(doomed, ignore_errors=True)
-    else:
-        doomed.unlink(missing_ok=True)
+    universal = path.with_name(path.name + UNIVERSAL_SUFFIX)
+    for victim in (path, universal) if universal.exists() else (path,):
+        doomed = partial_path(victim, "deleting-" + uuid.uuid4().hex[:8])
+        os.replace(victim, doomed)
+        if doomed.is_dir():
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            doomed.unlink(missing_ok=True)
 
 
 def remove_stale_partials(directory: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:

@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from lightning.pytorch.strategies.ddp import DDPStrategy as _DDPParent
 
-from xdyna.train import checkpointing
+from xdyna.train import checkpointing, elastic
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,28 @@ class XDynaDeepSpeedStrategy(DeepSpeedStrategy):
         )
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        if not self.load_full_weights and not checkpointing.is_complete(checkpoint_path):
+        if self.load_full_weights:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        if not checkpointing.is_complete(checkpoint_path):
             raise checkpointing.CheckpointError(
                 f"{checkpoint_path} is not a complete checkpoint directory (no {checkpointing.COMPLETE_MARKER} marker)"
             )
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        # Written on another world size: its ZeRO shards are re-sliced through DeepSpeed's universal
+        # checkpoint (converted once beside it, see xdyna.train.elastic).
+        universal = elastic.ensure_universal(checkpoint_path, self.world_size, is_global_zero=self.is_global_zero,
+                                             broadcast=self.broadcast, barrier=self.barrier)
+        if universal is None:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # DeepSpeed's `"checkpoint": {"load_universal": true}`, for this load only: the engine
+        # exists before Lightning restores, and a later load on the same world size (none today)
+        # must read the sharded format again.
+        engine_config = self.deepspeed_engine._config
+        previous = engine_config.load_universal_checkpoint
+        engine_config.load_universal_checkpoint = True
+        try:
+            return super().load_checkpoint(universal, weights_only)
+        finally:
+            engine_config.load_universal_checkpoint = previous
 
 
 class CPUDeepSpeedStrategy(XDynaDeepSpeedStrategy):
