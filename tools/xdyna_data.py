@@ -48,6 +48,8 @@ def _pack(args: argparse.Namespace) -> int:
     else:
         items = items_from_folder(args.input, kind=args.kind, license=args.license)
     curate = _curate_config(args)
+    if args.dry_run and not args.slurm:
+        raise ValueError("--dry-run writes the SLURM script without submitting it: it needs --slurm")
     if (args.part is not None or args.slurm or curate is not None) and args.parts is None:
         raise ValueError("--part, --slurm and --shots work on a partitioned pack: give --parts P (1 is fine)")
     options = PackOptions(Rules(args.min_frames, args.min_height, args.min_width, args.verify),
