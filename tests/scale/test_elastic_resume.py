@@ -31,7 +31,7 @@ import torch
 
 from xdyna.train import checkpointing, elastic
 from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, collect_rng_states
-from xdyna.train.rank_rng import rank_generator
+from xdyna.train.rank_rng import rank_generator, rank_seed
 
 from .tiny_run import BIN, clean_env, tiny_overrides
 
@@ -327,6 +327,15 @@ def test_elastic_resume_rederives_every_rank_stream(capsys):
     again = {"ranks": saved["ranks"][:2], "generation": 1}
     callback, module = _resume_rank(again, seed, 0, world_size=1)
     assert callback.generation == 2 and not torch.equal(torch.rand(64, generator=module.generator), draws[0])
+
+
+def test_rank_seeds_differ_across_resume_generations():
+    seeds = {rank_seed(7, rank, generation=generation) for rank in range(64) for generation in range(4)}
+    assert len(seeds) == 64 * 4
+    # Generation 0 is the key runs used before elastic resumes existed: their draws are unchanged.
+    assert rank_seed(7, 3, generation=0) == rank_seed(7, 3)
+    with pytest.raises(ValueError, match="generation must be >= 0"):
+        rank_seed(7, 0, generation=-1)
 
 
 def test_same_world_size_restores_the_saved_streams():
