@@ -145,14 +145,25 @@ def crop_fractions(output: np.ndarray) -> np.ndarray:
     return output.reshape(IBUG_POINTS, 2)
 
 
-def load_face_model(detector: str | LandmarkModel = "mtcnn", landmarks_model: str | None = None) -> LandmarkModel:
-    """``"mtcnn"`` (5 points), or with ``landmarks_model`` (a local .onnx) 68 points on MTCNN's faces."""
+def load_face_model(detector: str | LandmarkModel = "mtcnn", landmarks_model: str | None = None,
+                    device: str = "cpu") -> LandmarkModel:
+    """``"mtcnn"`` (5 points), or with ``landmarks_model`` (a local .onnx) 68 points on MTCNN's faces;
+    on ``device`` (``cpu`` or ``cuda``: MTCNN in torch, the 68-point model through onnxruntime-gpu)."""
     if not isinstance(detector, str):
         return detector
     if detector != "mtcnn":
         raise ValueError(f"unknown face detector {detector!r}; known: mtcnn")
-    boxes = MTCNNFaces()
-    return OnnxLandmarks68(landmarks_model, boxes=boxes) if landmarks_model else boxes
+    from datapipes.onnx_session import DEVICES, providers_for
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device for MTCNN")
+    boxes = MTCNNFaces(device=device)
+    return OnnxLandmarks68(landmarks_model, boxes=boxes, providers=providers_for(device)) if landmarks_model else boxes
 
 
 # One model per process and setting: packing calls detect_face_track once per clip.

@@ -5,6 +5,25 @@ from __future__ import annotations
 import os
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    """onnxruntime execution providers for ``device`` (``pack --device``); ``cuda`` needs the
+    onnxruntime-gpu build, which is checked here rather than left to a silent CPU fallback."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise ValueError(f"--device cuda needs onnxruntime-gpu (pip install onnxruntime-gpu); this onnxruntime "
+                         f"offers {available}")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 def load_onnx_session(model_path: str, what: str, hint: str, providers: list[str] | None = None):
     """An ``onnxruntime.InferenceSession`` of ``model_path``; errors name ``what`` and the file,
     and ``hint`` says where such a model comes from (nothing is ever downloaded)."""

@@ -71,6 +71,7 @@ class PackOptions:
     max_video_bytes: int = 4 << 30     # larger source videos are rejected before being read
     max_json_bytes: int = 256 << 20    # larger keypoint / face-track files likewise
     item_timeout: float | None = 3600.0  # seconds one input may take in a worker (None: no limit)
+    device: str = "cpu"                # "cuda": pose (onnxruntime-gpu) and face (MTCNN) models on the GPU
 
 
 @dataclass
@@ -244,7 +245,7 @@ def _face_model(options: PackOptions):
     if ":" not in name:
         from datapipes.facetrack import cached_face_model
 
-        return cached_face_model(name, options.face_landmarks_model)
+        return cached_face_model(name, options.face_landmarks_model, options.device)
     if name not in _plugin_face_models:
         from datapipes.plugins import import_object
 
@@ -288,7 +289,8 @@ def prepare_sample(item: PackItem, options: PackOptions, warnings: list | None =
         from datapipes.pose import keypoints_to_json
         from datapipes.pose_estimator import estimate_keypoints, load_pose_estimator
 
-        estimator = load_pose_estimator(options.pose_estimator, options.pose_model, options.pose_detector_model)
+        estimator = load_pose_estimator(options.pose_estimator, options.pose_model, options.pose_detector_model,
+                                        options.device)
         keypoints = _model_step("pose estimation", key, estimate_keypoints, item.video, key, estimator)
         document = keypoints_to_json(keypoints, facts["height"], facts["width"])
         members[shards.POSE_KEYPOINTS] = _dumps(dict(document, estimator=estimator.name))
@@ -323,13 +325,14 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def check_pose_estimator(name: str, model_path: str | None, detector_path: str | None = None) -> None:
+def check_pose_estimator(name: str, model_path: str | None, detector_path: str | None = None,
+                         device: str = "cpu") -> None:
     """Fail before any clip is read when the estimator cannot be built (unknown name, missing
     model file or onnxruntime, unreadable model). The session is dropped again: the workers
     build their own (and are never forked from this process, so nothing built here reaches them)."""
     from datapipes.pose_estimator import make_pose_estimator
 
-    make_pose_estimator(name, model_path, detector_path)
+    make_pose_estimator(name, model_path, detector_path, device)
 
 
 def check_face_model(options: PackOptions) -> None:
@@ -347,7 +350,7 @@ def check_face_model(options: PackOptions) -> None:
     elif options.face_detector:
         from datapipes.facetrack import load_face_model
 
-        load_face_model(options.face_detector, options.face_landmarks_model)
+        load_face_model(options.face_detector, options.face_landmarks_model, options.device)
 
 
 def _prepare(item: PackItem, options: PackOptions) -> tuple[PackItem, dict | None, str | None, list]:
@@ -624,7 +627,7 @@ def pack(items: list[PackItem], out_dir: str, options: PackOptions | None = None
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     # Built here only to fail early, then dropped: workers are started fresh, never forked from here.
     if options.pose_estimator:
-        check_pose_estimator(options.pose_estimator, options.pose_model, options.pose_detector_model)
+        check_pose_estimator(options.pose_estimator, options.pose_model, options.pose_detector_model, options.device)
     check_face_model(options)
     if os.path.isdir(out_dir) and any(name.endswith(".tar") for name in os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir!r} already holds .tar shards; choose an empty directory")

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 from PIL import Image
 
-from datapipes.onnx_session import load_onnx_session
+from datapipes.onnx_session import load_onnx_session, providers_for
 from datapipes.pose import HAND_POINTS
 
 DWPOSE_WEIGHTS_HINT = ("DWPose weights are the file dw-ll_ucoco_384.onnx from "
@@ -204,13 +204,17 @@ def to_openpose(points: np.ndarray) -> np.ndarray:
 ESTIMATORS = ("dwpose",)
 
 
-def make_pose_estimator(name: str, model_path: str | None, detector_path: str | None = None) -> PoseEstimator:
-    """``dwpose`` from a local model file, with the YOLOX person detector when ``detector_path`` is given."""
+def make_pose_estimator(name: str, model_path: str | None, detector_path: str | None = None,
+                        device: str = "cpu") -> PoseEstimator:
+    """``dwpose`` from a local model file, with the YOLOX person detector when ``detector_path`` is given,
+    on ``device`` (``cuda``: onnxruntime-gpu's CUDA provider)."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown pose estimator {name!r}; known: {ESTIMATORS}")
     if not model_path:
         raise ValueError(f"pose estimator {name!r} needs a model file (--pose-model PATH); {DWPOSE_WEIGHTS_HINT}")
-    return DWPoseOnnx(model_path, person_box=YoloxPersonBox(detector_path) if detector_path else None)
+    providers = providers_for(device)
+    return DWPoseOnnx(model_path, person_box=YoloxPersonBox(detector_path, providers=providers) if detector_path else None,
+                      providers=providers)
 
 
 # One estimator per process and model: sessions are expensive to create.

@@ -34,7 +34,7 @@ def array_spec(parts: list[int], max_running: int | None = None) -> str:
 
 
 def render_pack_array(job_argv: list[str], parts: list[int], out_dir: str, cpus: int, time: str,
-                      partition: str | None = None, max_running: int | None = None,
+                      partition: str | None = None, max_running: int | None = None, gpus: int = 0,
                       setup: list[str] | tuple[str, ...] = (), python: str = sys.executable) -> str:
     log_dir = Path(out_dir).resolve() / "slurm"
     directives = [f"--job-name=xdyna-pack-{Path(out_dir).name}"[:80], f"--array={array_spec(parts, max_running)}",
@@ -44,6 +44,8 @@ def render_pack_array(job_argv: list[str], parts: list[int], out_dir: str, cpus:
                   "--requeue"]
     if partition:
         directives.append(f"--partition={partition}")
+    if gpus:
+        directives.append(f"--gpus-per-task={gpus}")
     command = " ".join(shlex.quote(word) for word in [python, "-m", "tools.xdyna_data", *job_argv])
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
              "# Rendered by xdyna-data pack --slurm. Each task packs one part; a finished part is skipped,",
@@ -67,7 +69,7 @@ def submit_pack_array(args, job_argv: list[str], settings, items) -> int:
         return 0
     script = render_pack_array(job_argv, todo, args.out, cpus=args.slurm_cpus or max(1, args.workers),
                                time=args.slurm_time, partition=args.slurm_partition,
-                               max_running=args.slurm_max_running, setup=args.slurm_setup)
+                               max_running=args.slurm_max_running, gpus=args.slurm_gpus, setup=args.slurm_setup)
     path = Path(args.out) / "slurm" / SCRIPT
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)

@@ -25,7 +25,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 # pack options that shape the SLURM array job, not the pack itself (left out of the job's command)
 _SLURM_ONLY = {"--slurm": 0, "--dry-run": 0, "--slurm-partition": 1, "--slurm-time": 1, "--slurm-cpus": 1,
-               "--slurm-setup": 1, "--slurm-max-running": 1}
+               "--slurm-setup": 1, "--slurm-max-running": 1, "--slurm-gpus": 1}
 
 
 def _curate_config(args: argparse.Namespace):
@@ -58,7 +58,7 @@ def _pack(args: argparse.Namespace) -> int:
                           pose_estimator=args.pose_estimator, pose_model=args.pose_model,
                           pose_detector_model=args.pose_detector_model,
                           max_video_bytes=int(args.max_video_mib * 2**20), max_json_bytes=int(args.max_json_mib * 2**20),
-                          item_timeout=args.item_timeout or None)
+                          item_timeout=args.item_timeout or None, device=args.device)
     if args.parts is not None:
         return _pack_parts(args, items, options, curate)
     summary = pack(items, args.out, options, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--pose-detector-model", default=None, metavar="PATH",
                       help="local YOLOX .onnx (DWPose's yolox_l.onnx) finding the person for --pose-estimator "
                            "dwpose; without it the whole frame is the person box")
+    pack.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="where pose estimation (onnxruntime-gpu) and face tracking (MTCNN) run; cpu is the default")
     pack.add_argument("--allow-missing-pose", action="store_true",
                       help="accept human clips without pose video or keypoints")
     pack.add_argument("--max-video-mib", type=float, default=4096,
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parts.add_argument("--slurm-partition", default=None)
     parts.add_argument("--slurm-time", default="24:00:00")
     parts.add_argument("--slurm-cpus", type=int, default=None, help="cpus per array task (default: --workers or 1)")
+    parts.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per array task (with --device cuda)")
     parts.add_argument("--slurm-max-running", type=int, default=None, help="at most this many tasks at once (%%N)")
     parts.add_argument("--slurm-setup", action="append", default=[],
                        help="a shell line run before the pack in each task (module load ..., source venv); repeatable")

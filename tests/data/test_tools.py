@@ -161,6 +161,11 @@ def test_pack_parts_resume_after_a_kill_equals_a_single_pack(tmp_path, capsys, m
     (out / "shard-00001-000009.tar").write_bytes(b"stale")
     assert main([*args, "--part", "0"]) == 0
     assert "1 of 3 part(s) finished" in capsys.readouterr().out and not (out / "index.json").exists()
+    # the array job of what is left: the user's command per task, without the job's own options
+    assert main([*args, "--slurm", "--dry-run", "--slurm-gpus", "1", "--slurm-setup", "module load x"]) == 0
+    script = (out / "slurm" / "pack.sbatch").read_text()
+    assert "#SBATCH --array=1-2\n" in script and "#SBATCH --gpus-per-task=1\n" in script and "module load x\n" in script
+    assert script.splitlines()[-1].endswith(" ".join(args[1:]) + ' --part "$SLURM_ARRAY_TASK_ID"')
     assert main(args) == 0          # every part: 0 skipped, 1 redone from scratch, 2 packed
     printed = capsys.readouterr().out
     assert "part 0/3: already finished, skipped" in printed and "index" in printed
@@ -180,3 +185,20 @@ def test_pack_parts_resume_after_a_kill_equals_a_single_pack(tmp_path, capsys, m
     assert {name: (out / name).stat().st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")} == before
     assert main(["pack", manifest, "--out", str(out), "--parts", "2", *common]) == 2
     assert "differs in: parts" in capsys.readouterr().err
+
+
+def test_pack_device_cuda_without_a_gpu_is_one_clear_error(tmp_path, capsys):
+    import pytest
+    import torch
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if torch.cuda.is_available() or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("a GPU build is present: --device cuda is valid here")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"")
+    for extra, fragment in ((["--face-detector", "mtcnn"], "torch sees no CUDA device"),
+                            (["--pose-estimator", "dwpose", "--pose-model", "x.onnx"], "needs onnxruntime-gpu")):
+        assert main(["pack", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--device", "cuda", *extra]) == 2
+        error = capsys.readouterr().err
+        assert fragment in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
