@@ -268,12 +268,13 @@ def _model_face(args: argparse.Namespace) -> str:
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline the weight options name, after :func:`check_args`."""
-    from .pipeline import XDynaPipeline
+    from .pipeline import XDynaPipeline, export_schedule
 
     if args.weights_kind == "pipeline":
         return XDynaPipeline.from_pretrained(args.pretrained, device=args.device, dtype=args.dtype)
     if args.weights_kind == "export":
-        return XDynaPipeline.from_config(args.export_config, device=args.device, dtype=args.dtype)
+        return XDynaPipeline.from_config(args.export_config, device=args.device, dtype=args.dtype,
+                                         schedule=export_schedule(args.pretrained))
     if args.weights_kind == "checkpoint":
         return XDynaPipeline.from_checkpoints(args.checkpoint, args.model_config, device=args.device, dtype=args.dtype)
     if args.model == "tiny":

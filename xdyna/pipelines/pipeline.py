@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from datapipes.atomic import save_safetensors, write_bytes_atomic
 
 from ..cpu_numerics import guarded
-from ..diffusion import sampling_scheduler
+from ..errors import ConfigError
+from ..diffusion import ScheduleConfig, sampling_scheduler
 from ..models import ModelConfig, XDynaModel, build_model
 from ..models.flavours import get_flavour
 from ..checkpoint_io import (EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, deepspeed_model_states, export_component_files,
@@ -100,9 +101,11 @@ def checkpoint_file(path: str | Path) -> Path:
     return require_file(file, "checkpoint")
 
 
-def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """``(model weights, model config or None)`` of an ``xdyna-train`` checkpoint, read by
-    :func:`xdyna.checkpoint_io.read_checkpoint` (weights-only: a checkpoint never runs code on load).
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, ScheduleConfig]:
+    """``(model weights, model config or None, noise schedule)`` of an ``xdyna-train`` checkpoint,
+    read by :func:`xdyna.checkpoint_io.read_checkpoint` (weights-only: a checkpoint never runs code
+    on load). A checkpoint that records no schedule (written before schedules were configurable)
+    was trained with the default one.
 
     Weight names are those of :class:`XDynaModel` (the LightningModule's ``model.`` prefix is removed).
     """
@@ -112,8 +115,29 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     except ExportError as error:
         raise PipelineFormatError(str(error)) from None
     model_weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
-    model = hyper_parameters(meta).get("model")
-    return model_weights, dict(model) if isinstance(model, Mapping) else None
+    hyper = hyper_parameters(meta)
+    model = hyper.get("model")
+    return model_weights, dict(model) if isinstance(model, Mapping) else None, _recorded_schedule(hyper.get("schedule"), file)
+
+
+def _recorded_schedule(recorded: Any, source: Path) -> ScheduleConfig:
+    try:
+        return ScheduleConfig.from_mapping(recorded)
+    except (ConfigError, TypeError) as error:
+        raise PipelineFormatError(f"{str(source)!r} records an unreadable noise schedule ({error})") from None
+
+
+def export_schedule(folder: str | Path) -> ScheduleConfig:
+    """The noise schedule an export (or a run directory's export) was trained with; an export
+    that records none (written before schedules were configurable) has the default."""
+    kind, export_dir = weights_folder(folder)
+    if kind != "export":
+        raise PipelineFormatError(f"{str(folder)!r} is a pipeline folder, not an export: load it with from_pretrained")
+    try:
+        manifest = read_export_manifest(export_dir)
+    except ExportError as error:
+        raise PipelineFormatError(str(error)) from None
+    return _recorded_schedule(manifest.get("schedule"), export_dir / EXPORT_MANIFEST)
 
 
 def weights_folder(folder: str | Path) -> tuple[str, Path]:
@@ -200,6 +224,11 @@ class XDynaPipeline:
 
     # ------------------------------------------------------------------ properties
     @property
+    def schedule(self) -> ScheduleConfig:
+        """The noise schedule sampling runs (that of the weights' training)."""
+        return ScheduleConfig.from_scheduler(self.scheduler)
+
+    @property
     def device(self) -> torch.device:
         return self.model.prompt_embeds.device
 
@@ -237,14 +266,16 @@ class XDynaPipeline:
 
     # ------------------------------------------------------------------ building and loading
     @classmethod
-    def from_config(cls, config: ModelConfig | Mapping[str, Any], device="cpu", dtype="fp32") -> "XDynaPipeline":
+    def from_config(cls, config: ModelConfig | Mapping[str, Any], device="cpu", dtype="fp32",
+                    schedule: ScheduleConfig | Mapping[str, Any] | None = None) -> "XDynaPipeline":
         """Build from a model config: base weights from its local folders, the rest initialised
-        as at the start of training (random for the ``tiny`` flavour without folders)."""
+        as at the start of training (random for the ``tiny`` flavour without folders).
+        ``schedule``: the noise schedule to sample with (``None``: the default)."""
         if not isinstance(config, ModelConfig):
             config = ModelConfig.from_mapping(config)
         # Inference never back-propagates: recomputation would only cost time.
         config = replace(config, gradient_checkpointing=False)
-        return cls(build_model(config)).to(device, dtype)
+        return cls(build_model(config), sampling_scheduler(ScheduleConfig.from_mapping(schedule))).to(device, dtype)
 
     @classmethod
     def from_checkpoints(
@@ -255,7 +286,8 @@ class XDynaPipeline:
         dtype="fp32",
     ) -> "XDynaPipeline":
         """Base model from ``config`` (default: the first checkpoint's own model config), then the
-        weights of every checkpoint in order (e.g. stage 1, then stage 2's S-Face ControlNet)."""
+        weights of every checkpoint in order (e.g. stage 1, then stage 2's S-Face ControlNet).
+        Sampling uses the noise schedule the checkpoints record; they must agree on it."""
         if not checkpoints:
             raise InputError("from_checkpoints needs at least one checkpoint")
         loaded = [(Path(path), *read_training_checkpoint(path)) for path in checkpoints]
@@ -263,8 +295,13 @@ class XDynaPipeline:
             config = loaded[0][2]
             if config is None:
                 raise PipelineFormatError(f"checkpoint {str(loaded[0][0])!r} carries no model config: give the model config")
-        pipeline = cls.from_config(config, device="cpu", dtype="fp32")
-        for path, weights, _ in loaded:
+        schedule = loaded[0][3]
+        for path, _, _, other in loaded[1:]:
+            if other != schedule:
+                raise PipelineFormatError(f"checkpoint {str(path)!r} was trained with another noise schedule than "
+                                          f"{str(loaded[0][0])!r} ({other} vs {schedule}): one model samples with one schedule")
+        pipeline = cls.from_config(config, device="cpu", dtype="fp32", schedule=schedule)
+        for path, weights, _, _ in loaded:
             pipeline.load_weights(weights, source=str(path))
         return pipeline.to(device, dtype)
 
@@ -280,9 +317,10 @@ class XDynaPipeline:
         """An ``xdyna-export`` folder (what a finished training stage writes to ``<run>/export``;
         a run directory is accepted for it): the model config it records (or ``config``), the
         frozen base weights from the folders that config names (``sd15`` replaces the SD1.5
-        folder, e.g. on another machine), the exported components applied last."""
+        folder, e.g. on another machine), the exported components applied last; sampling uses the
+        noise schedule the export records."""
         mapping = export_model_config(folder, config, sd15)
-        return cls.from_config(mapping, device=device, dtype=dtype)
+        return cls.from_config(mapping, device=device, dtype=dtype, schedule=export_schedule(folder))
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], source: str = "<weights>") -> list[str]:
         """Copy ``weights`` (names of :class:`XDynaModel`, any subset) into the model; every name
@@ -454,6 +492,9 @@ class XDynaPipeline:
         guided = image_prompt is not None and guidance_scale != 1.0
         if guidance_scale != 1.0 and image_prompt is None:
             log.info("guidance %.2g not applied: the model has no image prompt to guide on", guidance_scale)
+        if initial_latent == "frame_similarity" and float(scheduler.alphas_cumprod[int(scheduler.timesteps[0])]) == 0.0:
+            log.info("frame-similarity prior carries no signal here: this model's schedule has zero terminal SNR, so "
+                     "its first timestep is pure noise (as in its training)")
         latents = initial_latents(initial_latent, reference_latents, pose.shape[1], scheduler, generator)
         config = self.model.config
         saved_scales = config.pose_conditioning_scale, config.face_conditioning_scale

@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from ..diffusion import add_noise, sampling_scheduler
+from ..diffusion import ScheduleConfig, add_noise, sampling_scheduler
 from ..models import XDynaModel
 from .context import ContextOptions, context_windows
 
@@ -95,6 +95,11 @@ def frame_similarity_prior(
 
     Starting from the reference rather than pure noise keeps the scene's layout and colours from
     the first step; the blur mix loosens the copy so that the person can still move.
+
+    The noising uses the sampling schedule's own ``alphas_cumprod``, so it matches what the model
+    saw in training at that timestep. Under zero terminal SNR (``schedule=v_zero_snr``) the first
+    timestep carries no signal (``alphas_cumprod[999] == 0``): the prior then is pure noise, as
+    the model expects there, and the reference reaches the video only through the network.
     """
     batch = reference_latents.shape[0]
     device = reference_latents.device
@@ -162,7 +167,9 @@ def denoise_latents(
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run ``scheduler.timesteps`` DDIM steps from ``latents (B, F, 4, h, w)``; returns float32
-    latents of the same shape.
+    latents of the same shape. The network's output is what ``scheduler`` is configured to read
+    (``prediction_type``: noise or velocity); window averaging and guidance are linear, so they
+    apply to either alike.
 
     ``pose (B, F, 3, H, W)`` and ``face (B, F, 6, H, W)`` are the per-frame conditions. Guidance
     applies when ``image_prompt`` is given and ``guidance_scale != 1``; without an image prompt
@@ -209,23 +216,23 @@ def denoise_latents(
             window_pose = _gather(pose, index, branches)
             window_face = _gather(face, index, branches)
             if share_reference_features:
-                eps = model.denoise(rows, timesteps, pose=window_pose, face=window_face, reference=features, **prompt_kwargs(count))
+                output = model.denoise(rows, timesteps, pose=window_pose, face=window_face, reference=features, **prompt_kwargs(count))
             else:
                 # The public release's way: the reference pass runs again inside every window.
-                eps = model.denoise(
+                output = model.denoise(
                     rows, timesteps, reference_rows.repeat_interleave(count, dim=0), pose=window_pose, face=window_face,
                     **prompt_kwargs(count),
                 )
-            eps = eps.float().view(branches, batch, count * index.shape[1], *latents.shape[2:])
-            prediction_sum.index_add_(2, index.flatten(), eps)
+            output = output.float().view(branches, batch, count * index.shape[1], *latents.shape[2:])
+            prediction_sum.index_add_(2, index.flatten(), output)
             hits.index_add_(0, index.flatten(), torch.ones(index.numel(), device=device))
         prediction = prediction_sum / hits.view(1, 1, num_frames, 1, 1, 1)
         if guided:
             unconditional, conditional = prediction
-            noise_pred = unconditional + guidance_scale * (conditional - unconditional)
+            model_output = unconditional + guidance_scale * (conditional - unconditional)
         else:
-            noise_pred = prediction[0]
-        latents = scheduler.step(noise_pred, t, latents, eta=eta, generator=generator).prev_sample
+            model_output = prediction[0]
+        latents = scheduler.step(model_output, t, latents, eta=eta, generator=generator).prev_sample
         if on_step is not None:
             on_step(step_index, len(scheduler.timesteps))
     return latents
@@ -240,11 +247,13 @@ def sample_clip(
     num_inference_steps: int = 25,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    schedule: ScheduleConfig | None = None,
 ) -> torch.Tensor:
     """Generate ``(B, F, 3, H, W)`` in [-1, 1] from a reference ``(B, 3, H, W)`` in [-1, 1] and a
     pose video ``(B, F, 3, H, W)`` in [0, 1]: pure-noise start, one window, no guidance (the
-    training-time sample videos, where only the trained components matter)."""
-    scheduler = sampling_scheduler()
+    training-time sample videos, where only the trained components matter). ``schedule``: the
+    one the model is trained with (``None``: the default)."""
+    scheduler = sampling_scheduler(schedule)
     scheduler.set_timesteps(num_inference_steps, device=pose.device)
     reference_latents = model.encode_images(reference.to(model.vae.dtype), sample_posterior=False)
     latents = initial_latents("noise", reference_latents, pose.shape[1], scheduler, generator)

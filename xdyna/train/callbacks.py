@@ -95,7 +95,8 @@ class SampleVideoCallback(L.Callback):
         pl_module.eval()
         try:
             generated = sample_clip(
-                pl_module.model, batch["reference"], batch["pose"], face, self.num_inference_steps, generator
+                pl_module.model, batch["reference"], batch["pose"], face, self.num_inference_steps, generator,
+                schedule=pl_module.schedule,
             )
         finally:
             pl_module.train(was_training)

@@ -171,7 +171,10 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         resume=cfg.run.resume,
         preemption_signals=preemption_signals,
     )
-    module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg, seed=cfg.seed)
+    # A config without a schedule group (composed before there was one) trains the default.
+    schedule_node = OmegaConf.select(cfg, "schedule")
+    schedule_cfg = OmegaConf.to_container(schedule_node, resolve=True) if schedule_node is not None else None
+    module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg, seed=cfg.seed, schedule=schedule_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     samples = SampleVideoCallback(
         every_n_steps=cfg.samples.every_n_steps,

@@ -155,7 +155,19 @@ def scene_clips_exist(cfg: DictConfig) -> list[str]:
             f"all {', '.join(sorted(kinds))}: set data.scene_probability=0 (no fusion) or data.scene_shards=<scene shards>"]
 
 
-CONFIG_RULES: list[Rule] = [shards_given, face_landmarks_switch_is_one]
+def schedule_is_valid(cfg: DictConfig) -> list[str]:
+    """The noise schedule (``schedule=...``) checked before a job is queued or a model built."""
+    from ..diffusion import ScheduleConfig
+
+    schedule = _select(cfg, "schedule")
+    try:
+        ScheduleConfig.from_mapping(OmegaConf.to_container(schedule, resolve=True) if schedule is not None else None)
+    except ConfigError as error:
+        return [str(error)]
+    return []
+
+
+CONFIG_RULES: list[Rule] = [shards_given, face_landmarks_switch_is_one, schedule_is_valid]
 LAUNCH_RULES: list[Rule] = [gpu_launcher_runs_a_gpu_job, job_has_no_unset_values]
 ENVIRONMENT_RULES: list[Rule] = [accelerator_is_available, scene_clips_exist]
 

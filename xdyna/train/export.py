@@ -8,7 +8,7 @@ directory::
     <out>/motion_modules.safetensors
     <out>/pose_controlnet.safetensors
     <out>/face_controlnet.safetensors    # only components the checkpoint trained
-    <out>/export.json                    # step, components, model config, source checkpoint
+    <out>/export.json                    # step, components, model config, noise schedule, source checkpoint
 
 Each file holds one component's fp32 weights under the names :meth:`XDynaModel.component_parameters`
 gives them, so :func:`xdyna.checkpoint_io.load_components` reads them back with a completeness check.
@@ -28,6 +28,7 @@ from datapipes.atomic import save_safetensors, write_bytes_atomic
 
 from xdyna.checkpoint_io import (EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, export_component_files, hyper_parameters,
                                  read_checkpoint)
+from xdyna.diffusion import ScheduleConfig
 
 _MODULE_PREFIX = "model."
 
@@ -87,6 +88,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         "source": str(Path(checkpoint).resolve()),
         "model": hparams["model"],
         "stage": hparams.get("stage"),
+        # What the pipeline samples with; a checkpoint from before schedules were configurable
+        # was trained with the default one.
+        "schedule": ScheduleConfig.from_mapping(hparams.get("schedule")).to_dict(),
     }
     write_bytes_atomic(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return manifest

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, XDynaUserError
-from ..diffusion import add_noise, sample_timesteps, training_scheduler
+from ..diffusion import ScheduleConfig, add_noise, sample_timesteps, training_scheduler, training_target
 from .batches import to_float_batch
 from .collectives import any_rank
 from .nonfinite import first_non_finite
@@ -29,15 +29,25 @@ class NonFiniteLossError(XDynaUserError, FloatingPointError):
 
 
 class XDynaTrainingModule(L.LightningModule):
-    """Epsilon-prediction MSE on the generated frames; only the stage's components train.
+    """MSE between the network's prediction and the schedule's target (the noise for epsilon
+    prediction, the velocity for v-prediction) on the generated frames; only the stage's
+    components train.
+
+    ``schedule``: the ``schedule`` config group (:class:`xdyna.diffusion.ScheduleConfig`; ``None``
+    is the default). The hyper-parameters, hence every checkpoint, record it in full, so the
+    export and the pipeline sample with the schedule the model was trained on.
 
     Checkpoints hold the trainable weights only (the frozen SD1.5 weights are rebuilt from their
     folders), so ``strict_loading`` is off and :meth:`on_load_checkpoint` checks keys itself.
     """
 
-    def __init__(self, model: Mapping[str, Any], stage: Mapping[str, Any], seed: int = 0):
+    def __init__(self, model: Mapping[str, Any], stage: Mapping[str, Any], seed: int = 0,
+                 schedule: Mapping[str, Any] | None = None):
         super().__init__()
+        self.schedule = ScheduleConfig.from_mapping(schedule)
         self.save_hyperparameters()
+        # Recorded resolved, not as given: a checkpoint of a run configured with defaults says so.
+        self.hparams["schedule"] = self.schedule.to_dict()
         # Seeds this rank's objective stream (see :mod:`xdyna.train.rank_rng`); the generator is
         # made on first use, once the rank and device are known.
         self.seed = int(seed)
@@ -53,7 +63,7 @@ class XDynaTrainingModule(L.LightningModule):
         self.optim = dict(stage["optim"])
         self.model: XDynaModel = build_model(self.model_config)
         self.model.set_trainable(self.trainable_components)
-        self.noise_scheduler = training_scheduler()
+        self.noise_scheduler = training_scheduler(self.schedule)
         self.strict_loading = False
 
     # ------------------------------------------------------------------ objective
@@ -99,7 +109,7 @@ class XDynaTrainingModule(L.LightningModule):
             image_prompt = self.model.encode_image_prompt_for_training(batch["reference"], generator=generator)
         prediction = self.model(noisy, timesteps, reference_latents, pose, face, image_prompt=image_prompt)
         # The clean reference is not part of the prediction: the loss covers generated frames only.
-        return F.mse_loss(prediction.float(), noise.float())
+        return F.mse_loss(prediction.float(), training_target(self.noise_scheduler, latents, noise, timesteps))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         # Kept so that a non-finite loss can be replayed with the same draws to find its source.
