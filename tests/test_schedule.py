@@ -130,6 +130,7 @@ def test_v_prediction_export_samples_as_v_prediction(tmp_path, tiny_model, monke
                               device="cpu", dtype="fp32")
     pipeline = load_pipeline(args)
     assert pipeline.schedule == V_ZERO_SNR
+    assert XDynaPipeline.from_pretrained(pipeline.save_pretrained(tmp_path / "pipe")).schedule == V_ZERO_SNR
     # And a call runs DDIM steps that read the output as a velocity, from timestep 999.
     steps = []
     step = DDIMScheduler.step
