@@ -172,6 +172,8 @@ def test_pack_parts_resume_after_a_kill_equals_a_single_pack(tmp_path, capsys, m
     assert not (out / "shard-00001-000009.tar").exists() and os.listdir(out / ".parts") == []
     index = json.loads((out / "index.json").read_text())
     assert packed_samples(str(out / "index.json")) == single == packed_samples(str(out))
+    cfg = loader_config(str(out / "index.json"), resample=False, height=64, width=64, batch_size=1, num_frames=8)
+    assert sorted(k for batch in build_clip_loader(cfg, 0, 1) for k in batch["__key__"]) == sorted(single)
     assert index["samples"] == 7 and index["kinds"] == {"human": 5, "scene": 2}
     assert index["sources"] == {"dance": 5, "nature": 2} and index["resolutions"] == {"64x64": 7}
     assert [os.path.basename(q["input"]["video"]) for q in index["quarantine"]] == ["broken.mp4"]
