@@ -49,11 +49,13 @@ def test_zero_init_equals_base_unet_for_every_variant(variant):
         assert (model.denoise(noisy, timesteps, reference, pose, face, image_prompt=prompt) - expected).abs().max() > 1e-4
 
 
-def test_reference_net_starts_as_duplicated_keys():
+@pytest.mark.parametrize("reference", ["reference_net", "kv_concat"])
+def test_reference_net_starts_as_duplicated_keys(reference):
     """K/V concatenation has no zero init (as in AnimateAnyone), but at init the ReferenceNet is the
-    UNet: when a frame equals the reference, [k(x); k(x)] attention equals plain attention, so the
-    model equals the base UNet exactly. Wrong layer wiring breaks this."""
-    model = tiny_model(reference="reference_net")
+    UNet (kv_concat: the reference runs through the UNet itself): when a frame equals the reference,
+    [k(x); k(x)] attention equals plain attention, so the model equals the base UNet exactly. Wrong
+    layer wiring breaks this."""
+    model = tiny_model(reference=reference)
     _, reference, timesteps, _, _ = latent_inputs()
     frames = reference.unsqueeze(1).expand(-1, 2, -1, -1, -1).contiguous()
     with torch.no_grad():
@@ -64,11 +66,12 @@ def test_reference_net_starts_as_duplicated_keys():
         model.denoise_joint(frames, timesteps, reference)
 
 
-@pytest.mark.parametrize("variant", ["w_refnet", "w_ipa", "xdyna_with_image_prompt"])
+@pytest.mark.parametrize("variant", ["w_refnet", "w_ipa", "xdyna_with_image_prompt", "w_kv_concat"])
 def test_gradients_reach_exactly_the_ablation_trainable_set(variant):
-    overrides = {"w_refnet": dict(reference="reference_net")}.get(variant, VARIANTS.get(variant))
+    overrides = {"w_refnet": dict(reference="reference_net"), "w_kv_concat": dict(reference="kv_concat")}.get(variant, VARIANTS.get(variant))
     model = tiny_model(**overrides)
-    trainable = (STAGE1[variant], "motion_modules", "pose_controlnet")
+    # kv_concat's reference path has no weights of its own (experiment=w_kv_concat trains the rest).
+    trainable = (*((STAGE1[variant],) if variant in STAGE1 else ()), "motion_modules", "pose_controlnet")
     params = model.set_trainable(trainable)
     noisy, reference, timesteps, pose, _ = latent_inputs()
     prompt = model.encode_image_prompt_for_training(torch.rand(2, 3, 64, 64) * 2 - 1) if model.image_prompt is not None else None

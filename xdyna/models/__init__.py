@@ -1,7 +1,8 @@
 """The X-Dyna network in pure torch + diffusers (no Lightning, Hydra or W&B here)."""
 
 from .attention import ReferenceFeatures
-from .config import FACE_VARIANTS, REFERENCE_VARIANTS, ModelConfig, PretrainedPaths
+from .build import build_model
+from .config import FACE_VARIANTS, ModelConfig, PretrainedPaths
 from .loading import (
     LoadReport,
     PretrainedNotFoundError,
@@ -10,7 +11,8 @@ from .loading import (
     read_state_dict,
     save_component_safetensors,
 )
-from .xdyna_model import COMPONENTS, FROZEN_PARTS, XDynaModel, build_model
+from .reference_variants import REFERENCE_VARIANTS, ReferenceVariant, reference_variant
+from .xdyna_model import COMPONENTS, FROZEN_PARTS, XDynaModel
 
 __all__ = [
     "COMPONENTS",
@@ -22,10 +24,12 @@ __all__ = [
     "PretrainedPaths",
     "REFERENCE_VARIANTS",
     "ReferenceFeatures",
+    "ReferenceVariant",
     "WeightsMismatchError",
     "XDynaModel",
     "build_model",
     "load_component_safetensors",
     "read_state_dict",
+    "reference_variant",
     "save_component_safetensors",
 ]

@@ -117,9 +117,10 @@ class ReferenceFeatures:
     Dynamics-Adapter: ``keys[name]``/``values[name]`` are the frozen ``to_k``/``to_v`` of the
     reference tokens, ``(B_ref, N, C)``. ReferenceNet: ``tokens[name]`` are the reference net's
     self-attention inputs, projected later by the generating UNet's own ``to_k``/``to_v`` (as in
-    AnimateAnyone). A generation batch whose size is a multiple of ``B_ref`` reads them with its rows
-    grouped contiguously per reference (sample-major), so one reference serves all of its frames and
-    all of its context windows.
+    AnimateAnyone); ``kv_concat`` records the same inputs from the shared UNet's reference pass.
+    A generation batch whose size is a multiple of ``B_ref`` reads them with its rows grouped
+    contiguously per reference (sample-major), so one reference serves all of its frames and all of
+    its context windows.
     """
 
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -282,6 +283,14 @@ class DynamicsAdapterProcessor(XDynaAttentionProcessor):
         return out + self.out_ff(adapter.reshape(rows, tokens, -1))
 
 
+def _record_reference_tokens(
+    processor: XDynaAttentionProcessor, attn: nn.Module, hidden_states: torch.Tensor, reference_features: ReferenceFeatures
+) -> torch.Tensor:
+    """Store a self-attention's input tokens of the reference, then attend as the plain layer does."""
+    reference_features.tokens[processor.layer_name] = hidden_states
+    return XDynaAttentionProcessor.attend(processor, attn, hidden_states, None, "reference", reference_features, None, None)
+
+
 class ReferenceRecorderProcessor(XDynaAttentionProcessor):
     """Self-attention of the ReferenceNet: runs unchanged and records its input tokens.
 
@@ -292,8 +301,7 @@ class ReferenceRecorderProcessor(XDynaAttentionProcessor):
     def attend(self, attn, hidden_states, encoder_hidden_states, reference_mode, reference_features, frames_per_sample, image_prompt):
         if reference_mode != "reference" or reference_features is None:
             raise ValueError(f"{self.layer_name}: the ReferenceNet runs in reference mode with a features bank only")
-        reference_features.tokens[self.layer_name] = hidden_states
-        return super().attend(attn, hidden_states, None, reference_mode, reference_features, frames_per_sample, image_prompt)
+        return _record_reference_tokens(self, attn, hidden_states, reference_features)
 
 
 class ReferenceConcatProcessor(XDynaAttentionProcessor):
@@ -314,6 +322,24 @@ class ReferenceConcatProcessor(XDynaAttentionProcessor):
         context = torch.cat([hidden_states, reference], dim=1)
         out = self.attention(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+class SharedReferenceConcatProcessor(ReferenceConcatProcessor):
+    """Self-attention of the ``kv_concat`` variant: ReferenceNet-style K/V concatenation, but the
+    reference runs through this same frozen UNet (no copy, no trainable weight).
+
+    ``reference`` mode records the layer's input tokens and attends as the plain layer does (the
+    recorder of the ReferenceNet, so both variants record the same thing); ``generate`` mode is
+    :class:`ReferenceConcatProcessor`'s. A frame equal to its reference therefore gets exactly the
+    plain UNet's output (its keys appear twice, which leaves the softmax average unchanged).
+    """
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, reference_mode, reference_features, frames_per_sample, image_prompt):
+        if reference_mode == "reference":
+            if reference_features is None:
+                raise ValueError(f"{self.layer_name}: the reference pass needs a features bank")
+            return _record_reference_tokens(self, attn, hidden_states, reference_features)
+        return super().attend(attn, hidden_states, encoder_hidden_states, reference_mode, reference_features, frames_per_sample, image_prompt)
 
 
 class ImagePromptProcessor(XDynaAttentionProcessor):

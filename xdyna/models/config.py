@@ -6,12 +6,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .reference_variants import VARIANTS, ReferenceVariant, reference_variant
 
-# How the reference image enters the network (the paper's Table 4):
-#   dynamics_adapter  X-Dyna: residual attention on the reference's K/V in every spatial self-attention
-#   reference_net     AnimateAnyone-style trainable UNet copy, its tokens concatenated to the K/V
-#   ip_adapter        the image prompt only (no spatial reference path)
-REFERENCE_VARIANTS = ("dynamics_adapter", "reference_net", "ip_adapter")
+# How the reference image enters the network (the paper's Table 4, plus kv_concat): one class per
+# variant in reference_variants.py, which holds every rule that depends on it.
 # How the face expression enters: the 6-channel S-Face ControlNet, landmarks drawn into the pose
 # skeleton (no face network; the data draws them), or not at all.
 FACE_VARIANTS = ("sface", "landmarks_in_pose", "none")
@@ -108,7 +106,9 @@ class ModelConfig:
     @property
     def loads_release_unet(self) -> bool:
         """Whether a released X-Dyna UNet is loaded into the model it was made for."""
-        return self.pretrained.xdyna_unet is not None and self.reference == "dynamics_adapter"
+        # Looked up leniently: this runs on construction, before validate() names a bad variant.
+        variant = VARIANTS.get(self.reference) if isinstance(self.reference, str) else None
+        return self.pretrained.xdyna_unet is not None and variant is not None and variant.takes_release_unet
 
     def resolve_groupnorm(self) -> None:
         """Replace ``auto`` GroupNorm modes by concrete ones (see ``AUTO``); concrete modes, set by
@@ -131,11 +131,15 @@ class ModelConfig:
                 if getattr(self, key) != mode]
 
     @property
-    def reference_component(self) -> str:
-        """The trainable component that carries the reference image in this variant."""
-        return {"dynamics_adapter": "dynamics_adapter", "reference_net": "reference_net", "ip_adapter": "image_prompt"}[
-            self.reference
-        ]
+    def reference_variant(self) -> ReferenceVariant:
+        """The registered variant of ``reference`` (a one-line ConfigError for an unknown name)."""
+        return reference_variant(self.reference)
+
+    @property
+    def reference_component(self) -> str | None:
+        """The trainable component that carries the reference image in this variant (None: the
+        variant's reference path has no trainable weights)."""
+        return self.reference_variant.reference_component
 
     def validate(self) -> None:
         self.resolve_groupnorm()  # a mode set to auto after construction
@@ -144,7 +148,7 @@ class ModelConfig:
             if value not in options:
                 raise ConfigError(f"model.{key}={value!r}; choose one of {options}")
 
-        choose("reference", self.reference, REFERENCE_VARIANTS)
+        variant = self.reference_variant
         choose("face", self.face, FACE_VARIANTS)
         choose("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         choose("resnet_groupnorm", self.resnet_groupnorm, (AUTO, *GROUPNORM_STATISTICS))
@@ -153,8 +157,6 @@ class ModelConfig:
         if self.motion_norm_groups is not None and (isinstance(self.motion_norm_groups, bool) or not isinstance(self.motion_norm_groups, int)
                                                     or self.motion_norm_groups < 1):
             raise ConfigError(f"model.motion_norm_groups={self.motion_norm_groups!r}; expected a positive integer or null")
-        if self.reference == "ip_adapter" and not self.image_prompt:
-            raise ConfigError("model.reference=ip_adapter needs model.image_prompt=true (the image prompt is the only reference path)")
         if not 0.0 <= self.image_prompt_dropout < 1.0:
             raise ConfigError(f"model.image_prompt_dropout={self.image_prompt_dropout}; expected a probability in [0, 1)")
         paths = self.pretrained
@@ -164,6 +166,4 @@ class ModelConfig:
             raise ConfigError("model.pretrained.ip_adapter is set but model.image_prompt=false")
         if paths.xdyna_face_controlnet is not None and self.face != "sface":
             raise ConfigError(f"model.pretrained.xdyna_face_controlnet is set but model.face={self.face!r} has no S-Face ControlNet")
-        if self.resnet_groupnorm == "across_frames" and self.reference == "reference_net":
-            raise ConfigError("model.resnet_groupnorm=across_frames is an import option of the one-pass X-Dyna formulation; "
-                              "the reference_net variant has no such formulation")
+        variant.validate(self)

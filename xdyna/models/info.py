@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
+from .build import build_model
 from .config import ModelConfig
 from .flavours import get_flavour
-from .xdyna_model import COMPONENTS, FROZEN_PARTS, XDynaModel, build_model
+from .xdyna_model import COMPONENTS, FROZEN_PARTS, XDynaModel
 
 GIB = 1024**3
 
