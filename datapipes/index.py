@@ -81,9 +81,19 @@ def build_index(out_dir: str) -> dict:
     duplicates = sorted(key for key, count in keys.items() if count > 1)
     if duplicates:  # cannot happen with one plan (keys are deduplicated before the split): a real fault
         raise ValueError(f"{out_dir!r}: keys packed by more than one part: {duplicates[:10]}")
-    index = {
-        "format": FORMAT, "fingerprint": plan["fingerprint"], "parts": plan["parts"], "inputs": plan["inputs"],
-        "shards": [name for record in records for name in record["shards"]],
+    index = summarise(clips, quarantine, curation, [name for record in records for name in record["shards"]],
+                      fingerprint=plan["fingerprint"], parts=plan["parts"], inputs=plan["inputs"],
+                      timings={"total_s": sum(r["timings"]["total_s"] for r in records),
+                               "per_part_s": [r["timings"]["total_s"] for r in records]})
+    write_bytes_atomic(os.path.join(out_dir, INDEX), json.dumps(index, indent=1, allow_nan=False).encode())
+    return index
+
+
+def summarise(clips: list[dict], quarantine: list[dict], curation: list[dict], shard_names: list[str],
+              **extra) -> dict:
+    """The index document: ``extra`` (fingerprint, parts, timings ...) and the totals of ``clips``."""
+    return {
+        "format": FORMAT, **extra, "shards": shard_names,
         "samples": len(clips), "quarantined": len(quarantine),
         "frames": sum(clip["frames"] for clip in clips),
         "seconds": sum(clip["seconds"] for clip in clips),
@@ -97,10 +107,65 @@ def build_index(out_dir: str) -> dict:
         "face_coverage": _coverage(clips, "face_frames"),
         "person_coverage": _coverage(clips, "person_frames"),
         "curation_decisions": dict(sorted(Counter(d["decision"] for d in curation).items())),
-        "timings": {"total_s": sum(r["timings"]["total_s"] for r in records),
-                    "per_part_s": [r["timings"]["total_s"] for r in records]},
         "quarantine": quarantine, "clips": clips, "curation": curation,
     }
+
+
+def retune(index_path: str, out_dir: str, min_motion: float | None = None, max_people: int | None = None,
+           shard_size: int = 1000, prefix: str = "shard") -> dict:
+    """Apply stricter curation thresholds to a packed dataset without decoding: every kept clip is
+    re-decided from its recorded scores (``min_motion`` for scene clips, ``max_people`` for human
+    clips; ``None`` keeps a rule as it was), the samples still kept are copied byte for byte into
+    new shards in ``out_dir``, and a new index is written there. A clip dropped before cannot come
+    back (it was never packed): those that a looser threshold would keep are counted in
+    ``not_packed`` (rerun ``pack --shots`` to get them)."""
+    from datapipes.pack import _PublishingSink
+
+    with open(index_path) as handle:
+        old = json.load(handle)
+    urls = shards_of_index(index_path)
+    curation, dropped, not_packed = [], set(), []
+    for decision in old["curation"]:
+        decision = dict(decision)
+        low = (decision["kind"] == "scene" and min_motion is not None and decision["motion"] is not None
+               and decision["motion"] < min_motion)
+        crowded = (decision["kind"] == "human" and max_people is not None and decision["people"] is not None
+                   and decision["people"] > max_people)
+        if decision["decision"] == "keep" and (low or crowded):
+            decision.update(decision="drop", reason=(f"scene clip motion {decision['motion']:.3f} < --min-motion "
+                                                     f"{min_motion:g} (retuned)") if low else
+                            f"{decision['people']} people > --max-people {max_people} (retuned)")
+            dropped.add(decision["key"])
+        elif decision["decision"] == "drop" and (
+                (decision["kind"] == "scene" and min_motion is not None and decision["motion"] is not None
+                 and decision["motion"] >= min_motion)
+                or (decision["kind"] == "human" and max_people is not None and decision["people"] is not None
+                    and decision["people"] <= max_people)):
+            not_packed.append(decision["key"])  # passes the new rule, but its frames were never packed
+        curation.append(decision)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir!r} is not empty; retune writes a new dataset into an empty folder")
+    os.makedirs(out_dir, exist_ok=True)
+    sink = _PublishingSink(out_dir, prefix, shard_size, float("inf"))
+    reader = shards.TarSampleReader(urls)
+    finished = False
+    try:
+        for number in range(len(urls)):
+            for sample in reader.iter_shard(number):
+                if sample.key not in dropped:
+                    sink.write({"__key__": sample.key, **sample.members})
+        sink.close()
+        finished = True
+    finally:
+        reader.close()
+        if not finished:
+            sink.abort()
+    clips = clip_records(sink.urls)
+    for clip in clips:
+        clip["shard"] = os.path.basename(clip["shard"])
+    index = summarise(clips, old["quarantine"], curation, [os.path.basename(url) for url in sink.urls],
+                      retuned_from=os.path.abspath(index_path), not_packed=not_packed,
+                      thresholds={"min_motion": min_motion, "max_people": max_people})
     write_bytes_atomic(os.path.join(out_dir, INDEX), json.dumps(index, indent=1, allow_nan=False).encode())
     return index
 

@@ -121,6 +121,18 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retune(args: argparse.Namespace) -> int:
+    from datapipes.index import retune
+
+    if args.min_motion is None and args.max_people is None:
+        raise ValueError("give --min-motion and/or --max-people: the thresholds to apply")
+    index = retune(args.index, args.out, args.min_motion, args.max_people, args.shard_size, args.prefix)
+    print(f"retuned into {args.out}: {index['samples']} clip(s) kept, {len(index['shards'])} shard(s); "
+          f"{len(index['not_packed'])} clip(s) the new thresholds would keep were dropped at pack time "
+          f"(rerun pack --shots to get them)")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -235,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="write DIR/index.json of a finished partitioned pack")
     index.add_argument("out", help="the pack's output directory")
     index.set_defaults(run=_index)
+
+    retune = commands.add_parser("retune", help="apply stricter curation thresholds to a packed dataset (no decoding)")
+    retune.add_argument("index", help="the dataset's index.json")
+    retune.add_argument("--out", required=True, help="an empty folder for the new shards and index")
+    retune.add_argument("--min-motion", type=float, default=None, help="scene clips below are left out")
+    retune.add_argument("--max-people", type=int, default=None, help="human clips with more people are left out")
+    retune.add_argument("--shard-size", type=int, default=1000)
+    retune.add_argument("--prefix", default="shard")
+    retune.set_defaults(run=_retune)
 
     inspect = commands.add_parser("inspect", help="count and verify the samples of a shard set")
     inspect.add_argument("shards", nargs="+", help="directory, brace pattern, glob or files")

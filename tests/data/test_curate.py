@@ -73,6 +73,20 @@ def test_pack_with_shots_drops_static_scene_clips_and_records_every_decision(tmp
     assert {clip["frames"] for clip in clips.values()} == {28} and index["curation_decisions"] == {"drop": 1, "keep": 2}
     assert main(["inspect", str(out / "index.json"), "--num-frames", "8", "--verify", "full", "--workers", "1"]) == 0
 
+    # retuning from the recorded scores: a stricter threshold between the two kept clips' motion
+    # keeps the faster one, copied byte for byte; the still lake would pass a looser one but was never packed
+    from tests.data.pack_inputs import packed_samples
+
+    slow, fast = sorted(("walk/shot0000-000", "walk/shot0001-001"), key=lambda key: decisions[key]["motion"])
+    middle = (decisions[slow]["motion"] + decisions[fast]["motion"]) / 2
+    assert main(["retune", str(out / "index.json"), "--out", str(tmp_path / "strict"), "--min-motion", str(middle)]) == 0
+    strict = json.loads((tmp_path / "strict" / "index.json").read_text())
+    assert [clip["key"] for clip in strict["clips"]] == [fast] and strict["samples"] == 1
+    assert {d["key"]: d["decision"] for d in strict["curation"]}[slow] == "drop"
+    assert packed_samples(str(tmp_path / "strict" / "index.json")) == {fast: packed_samples(str(out / "index.json"))[fast]}
+    assert main(["retune", str(out / "index.json"), "--out", str(tmp_path / "loose"), "--min-motion", "0"]) == 0
+    assert json.loads((tmp_path / "loose" / "index.json").read_text())["not_packed"] == ["lake/shot0000-000"]
+
 
 def test_clips_with_more_than_one_person_are_left_out(tmp_path):
     from tests.data.test_pose_estimator import _blue_finder_yolox
