@@ -195,11 +195,20 @@ def count_people(reader, start: int, end: int, config: CurateConfig) -> int:
     return max(counts)
 
 
-def curate_video(item: PackItem, clip_dir: str, config: CurateConfig) -> tuple[list[PackItem], list[dict]]:
+def curate_video(item: PackItem, clip_dir: str, config: CurateConfig,
+                 max_video_bytes: float = float("inf")) -> tuple[list[PackItem], list[dict]]:
     """Cut one raw video into clips: the kept clips as pack inputs (re-encoded into ``clip_dir``)
-    and a decision for every clip considered. A video that cannot be decoded here is passed on
-    unchanged: ``pack`` quarantines it with its own reason."""
+    and a decision for every clip considered. A video that fails pack's source checks (a FIFO, a
+    directory, empty, too large, no container) or cannot be decoded here is passed on unchanged:
+    ``pack`` quarantines it with its own reason."""
+    from datapipes.pack import _check_container
+    from datapipes.validate import Rejected
+
     key = item.key or key_from_path(item.video)
+    try:
+        _check_container(item.video, "video", max_video_bytes)  # before any decoder opens it
+    except Rejected:
+        return [item], []
     if item.pose_video or item.keypoints or item.face:
         return [replace(item, problem="--shots cuts raw footage, but this input has pose/face companions "
                                       "(their frames cannot follow the cuts): pack it without --shots")], []
@@ -244,14 +253,46 @@ def curate_video(item: PackItem, clip_dir: str, config: CurateConfig) -> tuple[l
     return clips, decisions
 
 
-def curate_items(items: list[PackItem], clip_dir: str, config: CurateConfig) -> tuple[list[PackItem], list[dict]]:
-    """:func:`curate_video` over ``items`` (items with a ``problem`` pass unchanged to be quarantined)."""
-    clips, decisions = [], []
-    for item in items:
-        if item.problem:
-            clips.append(item)
-            continue
-        kept, decided = curate_video(item, clip_dir, config)
-        clips.extend(kept)
-        decisions.extend(decided)
+def _curate_task(item: PackItem, job: tuple) -> tuple[list[PackItem], list[dict]]:
+    """:func:`curate_video` for a pack worker (``job`` = ``(clip_dir, config, max_video_bytes)``): an error on one
+    video (OpenCV's, a decoder's) hands that video on with the reason, to be quarantined."""
+    clip_dir, config, max_video_bytes = job
+    try:
+        return curate_video(item, clip_dir, config, max_video_bytes)
+    except Exception as error:
+        text = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
+        return _curate_failure(item, f"cutting it into clips failed: {type(error).__name__}: {text}")
+
+
+def _curate_failure(item: PackItem, reason: str) -> tuple[list[PackItem], list[dict]]:
+    return [replace(item, problem=f"--shots: {reason}")], []
+
+
+def curate_items(items: list[PackItem], clip_dir: str, config: CurateConfig, workers: int = 0,
+                 item_timeout: float | None = None,
+                 max_video_bytes: float = float("inf")) -> tuple[list[PackItem], list[dict]]:
+    """:func:`curate_video` over ``items``, in input order, in ``workers`` processes of pack's
+    worker pool (0: here): a video whose worker crashes or overruns ``item_timeout`` is handed on
+    with that reason and quarantined, as in validation. Items with a ``problem`` pass unchanged."""
+    from datapipes.pack import _WorkerPool
+
+    todo = [item for item in items if not item.problem]
+    job = (clip_dir, config, max_video_bytes)
+    pool, finished = None, False
+    try:
+        if workers > 0 and todo:
+            pool = _WorkerPool(min(workers, len(todo)), job, "spawn", task=_curate_task,
+                               failure=_curate_failure, timeout=item_timeout)
+            results = pool.results(todo)
+        else:
+            results = (_curate_task(item, job) for item in todo)
+        clips, decisions = [], []
+        for item in items:
+            kept, decided = ([item], []) if item.problem else next(results)
+            clips.extend(kept)
+            decisions.extend(decided)
+        finished = True
+    finally:
+        if pool:
+            pool.close(force=not finished)
     return clips, decisions

@@ -368,8 +368,14 @@ def _prepare(item: PackItem, options: PackOptions) -> tuple[PackItem, dict | Non
 # ----------------------------------------------------------------------------- worker processes
 
 
-def _worker_main(connection, options: PackOptions, threads: int) -> None:
-    """A pack worker: announces itself, then prepares one input per message until ``None``."""
+def _failed(item: PackItem, reason: str) -> tuple:
+    """The result of an input whose worker died or overran its time: rejected with ``reason``."""
+    return item, None, reason, []
+
+
+def _worker_main(connection, options, threads: int, task=_prepare) -> None:
+    """A pack worker: announces itself, then runs ``task(item, options)`` on one input per message
+    until ``None`` (``_prepare``; ``datapipes.curate`` runs its cutting this way too)."""
     # Ctrl-C reaches the whole process group: the parent decides, then stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
@@ -385,7 +391,7 @@ def _worker_main(connection, options: PackOptions, threads: int) -> None:
         if job is None:
             return
         index, item = job
-        connection.send((index, _prepare(item, options)))
+        connection.send((index, task(item, options)))
 
 
 def _die_with_parent() -> None:
@@ -422,14 +428,18 @@ class _WorkerPool:
 
     Unlike ``multiprocessing.Pool`` it knows which input each worker holds: a worker that dies
     (a native crash in a decoder) or overruns ``item_timeout`` rejects that input and is
-    replaced, instead of hanging the run. At most ``4 * count`` results wait for their turn."""
+    replaced, instead of hanging the run. At most ``4 * count`` results wait for their turn.
+    ``task(item, options)`` (module level: it is pickled to the workers) makes a result,
+    ``failure(item, reason)`` the result of an input whose worker died or overran ``timeout``."""
 
-    def __init__(self, count: int, options: PackOptions, start_method: str):
+    def __init__(self, count: int, options, start_method: str, task=_prepare, failure=_failed,
+                 timeout: float | None = None):
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS} (fork would hand the caller's "
                              f"torch and decoder state to the workers), got {start_method!r}")
         self.context = multiprocessing.get_context(start_method)
-        self.options, self.count = options, count
+        self.options, self.count, self.task, self.failure = options, count, task, failure
+        self.timeout = options.item_timeout if timeout is None and isinstance(options, PackOptions) else timeout
         self.threads = max(1, (os.cpu_count() or 1) // count)
         self.slots: list[_Slot] = []
         for _ in range(count):
@@ -437,7 +447,7 @@ class _WorkerPool:
 
     def _start(self) -> None:
         parent, child = self.context.Pipe(duplex=True)
-        process = self.context.Process(target=_worker_main, args=(child, self.options, self.threads),
+        process = self.context.Process(target=_worker_main, args=(child, self.options, self.threads, self.task),
                                        name="xdyna-pack-worker", daemon=True)
         process.start()
         child.close()
@@ -488,7 +498,7 @@ class _WorkerPool:
                         slot.connection.send((slot.job, items[slot.job]))
                     except OSError:
                         pass  # it died: its sentinel says so below
-            timeout = self.options.item_timeout
+            timeout = self.timeout
             busy = [slot.started + timeout - time.monotonic() for slot in self.slots if slot.job is not None]
             ready = wait([s.connection for s in self.slots] + [s.process.sentinel for s in self.slots],
                          timeout=max(0.0, min(busy)) if timeout and busy else None)
@@ -509,14 +519,14 @@ class _WorkerPool:
                         raise RuntimeError(f"a pack worker process stopped before its first input "
                                            f"({_exit_text(slot.process.exitcode)})")
                     if slot.job is not None:
-                        done[slot.job] = (items[slot.job], None, f"the worker process died while packing it "
-                                          f"({_exit_text(slot.process.exitcode)}): a crash in a decoder or model",
-                                          [])
+                        done[slot.job] = self.failure(items[slot.job], f"the worker process died while "
+                                                      f"packing it ({_exit_text(slot.process.exitcode)}): a crash "
+                                                      f"in a decoder or model")
                         slot.job = None
                     self._replace(slot, needed=next_in < len(items))
                 elif timeout and slot.job is not None and time.monotonic() - slot.started > timeout:
-                    done[slot.job] = (items[slot.job], None, f"took longer than {timeout:g} s (--item-timeout); "
-                                      f"its worker was stopped", [])
+                    done[slot.job] = self.failure(items[slot.job], f"took longer than {timeout:g} s "
+                                                  f"(--item-timeout); its worker was stopped")
                     slot.job = None
                     self._replace(slot, needed=next_in < len(items))
 

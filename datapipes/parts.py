@@ -190,7 +190,8 @@ def run_part(items: list[PackItem], out_dir: str, settings: PartSettings, part: 
     if settings.curate is not None:
         from datapipes.curate import curate_items
 
-        part_items, curation = curate_items(part_items, os.path.join(staging, "clips"), settings.curate)
+        part_items, curation = curate_items(part_items, os.path.join(staging, "clips"), settings.curate,
+                                            workers, settings.options.item_timeout, settings.options.max_video_bytes)
         curate_seconds = time.monotonic() - started
     shard_dir = os.path.join(staging, "shards")
     summary = pack(part_items, shard_dir, settings.options, shard_size=settings.shard_size,

@@ -3,6 +3,7 @@ and a moving video told apart, the one-person filter, and every decision with it
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,9 +59,11 @@ def test_pack_with_shots_drops_static_scene_clips_and_records_every_decision(tmp
     folder.mkdir()
     _cut_video(folder / "walk.mp4")
     _static_video(folder / "lake.mp4")
+    os.mkfifo(folder / "pipe.mp4")   # a decoder would block on it forever: pack's source checks come first
     out = tmp_path / "out"
+    # --workers 1: the cutting runs in pack's worker pool (spawned processes), as in production
     assert main(["pack", str(folder), "--out", str(out), "--kind", "scene", "--parts", "1", "--shots",
-                 "--workers", "0", "--min-frames", "8", "--min-clip-frames", "8", "--max-clip-frames", "32"]) == 0
+                 "--workers", "1", "--min-frames", "8", "--min-clip-frames", "8", "--max-clip-frames", "32"]) == 0
     index = json.loads((out / "index.json").read_text())
     decisions = {d["key"]: d for d in index["curation"]}
     assert sorted(decisions) == ["lake/shot0000-000", "walk/shot0000-000", "walk/shot0001-001"]
@@ -68,6 +71,7 @@ def test_pack_with_shots_drops_static_scene_clips_and_records_every_decision(tmp
     assert lake["decision"] == "drop" and "motion" in lake["reason"] and lake["motion"] < 0.1
     assert all(decisions[k]["decision"] == "keep" and decisions[k]["motion"] > 0.1 for k in decisions if "walk" in k)
     assert (decisions["walk/shot0000-000"]["start"], decisions["walk/shot0001-001"]["start"]) == (0, 32)
+    assert [(q["input"]["key"], "not a regular file" in q["reason"]) for q in index["quarantine"]] == [("pipe", True)]
     clips = {clip["key"]: clip for clip in index["clips"]}
     assert sorted(clips) == ["walk/shot0000-000", "walk/shot0001-001"]
     assert {clip["frames"] for clip in clips.values()} == {28} and index["curation_decisions"] == {"drop": 1, "keep": 2}
