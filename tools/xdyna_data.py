@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack = commands.add_parser("pack", help="validate source videos and write them as shards")
     pack.add_argument("input", help="a folder of videos (companions X.pose.mp4, X.pose.json, X.face.json "
                                     "beside X.mp4) or a JSONL manifest (*.jsonl)")
-    pack.add_argument("--out", required=True, help="output directory (must hold no shards yet)")
+    pack.add_argument("--out", required=True, help="output directory (must hold no shards yet; with --parts: "
+                                                   "the same directory for every part and rerun)")
     pack.add_argument("--kind", choices=("human", "scene"), default="human", help="kind of a folder's clips")
     pack.add_argument("--license", default="unknown", help="licence of a folder's clips")
     pack.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")

@@ -161,6 +161,7 @@ def test_pack_parts_resume_after_a_kill_equals_a_single_pack(tmp_path, capsys, m
     (out / "shard-00001-000009.tar").write_bytes(b"stale")
     assert main([*args, "--part", "0"]) == 0
     assert "1 of 3 part(s) finished" in capsys.readouterr().out and not (out / "index.json").exists()
+    assert main(["index", str(out)]) == 2 and "2 of 3 part(s) not finished: 1, 2" in capsys.readouterr().err
     # the array job of what is left: the user's command per task, without the job's own options
     assert main([*args, "--slurm", "--dry-run", "--slurm-gpus", "1", "--slurm-setup", "module load x"]) == 0
     script = (out / "slurm" / "pack.sbatch").read_text()
