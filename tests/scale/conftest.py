@@ -41,3 +41,11 @@ def shards(tmp_path_factory) -> Path:
     )
     assert done.returncode == 0, done.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, shards):
+    """The shared tiny 2-rank runs (tests/scale/resume_runs.py), trained on first use."""
+    from .resume_runs import Runs
+
+    return Runs(tmp_path_factory.mktemp("resume"), shards)

@@ -3,8 +3,9 @@ exactly (DeepSpeed's universal checkpoint, xdyna/train/elastic.py) and its per-r
 re-derived (xdyna/train/rank_rng.py).
 
 Real DeepSpeed ZeRO-2 on the CPU/gloo path through xdyna-train, one chain of tiny runs shared by
-the tests of this module (:class:`ElasticRuns`): 2 ranks train step 1; 1 rank resumes it and trains
-step 2; 2 ranks resume that and train step 3. Each run trains one step.
+the tests of this module (:class:`ElasticRuns`): the 2-rank, 2-worker run of test_resume.py
+(the session's shared ``runs``) checkpoints step 1; 1 rank with 1 loader worker resumes it and
+trains step 2; 2 ranks resume that and train step 3.
 
 What "exactly" means is checked twice, with DeepSpeed's readers on both sides:
 - the conversion: every trainable parameter's fp32 master weight, Adam ``exp_avg``/``exp_avg_sq``
@@ -33,11 +34,13 @@ from xdyna.train import checkpointing, elastic
 from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, collect_rng_states
 from xdyna.train.rank_rng import rank_generator, rank_seed
 
+from .resume_runs import CASES
 from .tiny_run import BIN, clean_env, tiny_overrides
 
 # Only a guard against a hung run: a loaded 2-core machine can take many minutes per run.
 RUN_TIMEOUT_S = 1800
 OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+ZERO2_CASE = "zero2-2workers"
 
 
 def _train(root: Path, run_id: str, shards: Path, devices: int, max_steps: int, strategy: str) -> subprocess.CompletedProcess:
@@ -52,10 +55,11 @@ def _train(root: Path, run_id: str, shards: Path, devices: int, max_steps: int, 
 
 class ElasticRuns:
     """The chain 2 ranks -> 1 rank -> 2 ranks, each run resuming from a copy of the previous run's
-    last checkpoint (as a requeued job on another node count would), trained on first use."""
+    last checkpoint (as a requeued job on another node count would), trained on first use. The
+    2-rank start is the shared never-stopped ZeRO-2 run (2 loader workers per rank)."""
 
-    def __init__(self, root: Path, shards: Path, strategy: str):
-        self.root, self.shards, self.strategy = root, shards, strategy
+    def __init__(self, root: Path, shards: Path, strategy: str, runs):
+        self.root, self.shards, self.strategy, self.runs = root, shards, strategy, runs
         self._done: dict[str, tuple[Path, str]] = {}
 
     def _run(self, run_id: str, devices: int, max_steps: int, resume_from: Path | None = None) -> tuple[Path, str]:
@@ -65,11 +69,11 @@ class ElasticRuns:
                 target.parent.mkdir(parents=True)
                 shutil.copytree(resume_from, target)
             done = _train(self.root, run_id, self.shards, devices, max_steps, self.strategy)
-            self._done[run_id] = (self.root / run_id / "checkpoints", done.stdout)
+            self._done[run_id] = (self.root / run_id / "checkpoints", done.stdout + done.stderr)
         return self._done[run_id]
 
     def on_two(self) -> Path:
-        return self._run("two", 2, 1)[0]
+        return self.runs.straight(ZERO2_CASE)
 
     def two_to_one(self) -> tuple[Path, str]:
         return self._run("two-to-one", 1, 2, self.on_two() / checkpointing.checkpoint_name(1))
@@ -79,8 +83,9 @@ class ElasticRuns:
 
 
 @pytest.fixture(scope="module")
-def zero2_runs(tmp_path_factory, shards) -> ElasticRuns:
-    return ElasticRuns(tmp_path_factory.mktemp("elastic"), shards, "deepspeed_cpu_zero2")
+def zero2_runs(tmp_path_factory, shards, runs) -> ElasticRuns:
+    assert CASES[ZERO2_CASE] == ("deepspeed_cpu_zero2", ["data.num_workers=2"])
+    return ElasticRuns(tmp_path_factory.mktemp("elastic"), shards, "deepspeed_cpu_zero2", runs)
 
 
 # ---------------------------------------------------------------- readers (DeepSpeed's own)
@@ -231,6 +236,8 @@ def test_zero2_two_ranks_onto_one(zero2_runs):
     checkpoints, stdout = zero2_runs.two_to_one()
     source = checkpoints / checkpointing.checkpoint_name(1)
     assert "xdyna-train: resumed from 2 ranks onto 1 at step 1" in stdout
+    # The data position went with it: both ranks' 2 workers' states dealt onto 1 rank's 1 worker.
+    assert "data: resumed from 2 ranks x 2 workers onto 1 ranks x 1 workers" in stdout
     # Converted once, beside the checkpoint; the checkpoint itself is untouched (same bytes as
     # the 2-rank run's own) and stays the resume candidate, the conversion never one.
     universal = elastic.universal_path(source)
@@ -261,11 +268,13 @@ def test_zero2_one_rank_onto_two(zero2_runs):
 
 
 @pytest.mark.slow
-def test_zero3_conversion_carries_the_optimizer_state(tmp_path, shards):
-    """ZeRO-3 at the conversion level only: a resumed ZeRO-3 run costs minutes of CPU here. The
-    engine's universal load is the same DeepSpeed code path as ZeRO-2's above, stage 3's loader."""
-    _train(tmp_path, "zero3", shards, 2, 1, "deepspeed_cpu_zero3")
-    source = tmp_path / "zero3" / "checkpoints" / checkpointing.checkpoint_name(1)
+def test_zero3_conversion_carries_the_optimizer_state(tmp_path, runs):
+    """ZeRO-3 at the conversion level only (the shared 2-rank ZeRO-3 run's first checkpoint,
+    copied): the engine's universal load is the same DeepSpeed code path as ZeRO-2's above,
+    stage 3's loader."""
+    first = runs.straight("zero3") / checkpointing.checkpoint_name(1)
+    source = tmp_path / "checkpoints" / first.name
+    shutil.copytree(first, source)
     before = tree_digest(source)
     universal = elastic.convert_to_universal(source)
     assert universal == elastic.universal_path(source) and checkpointing.is_complete(universal)
