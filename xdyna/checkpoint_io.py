@@ -31,6 +31,12 @@ EXPORT_MANIFEST = "export.json"
 # A finished stage exports its newest checkpoint here (``checkpoint.export_at_end``);
 # ``init.from_run=<run id>`` reads it.
 EXPORT_SUBDIR = "export"
+# Where a checkpoint keeps the EMA of its trainable weights (xdyna.train.ema), whole tensors under
+# LightningModule names; an export writes it as <component>.ema.safetensors.
+EMA_CHECKPOINT_KEY = "ema"
+# Which weights a reader wants: "raw" (what the optimizer trained), "ema" (their moving average),
+# "default" (the EMA when there is one, else raw).
+WEIGHT_CHOICES = ("default", "ema", "raw")
 # Lightning wraps the LightningModule for DeepSpeed; parameter names inside the shards carry it.
 _WRAPPER_PREFIX = "_forward_module."
 
@@ -185,19 +191,41 @@ def read_export_manifest(export_dir: str | os.PathLike, key: str | None = None) 
     return manifest
 
 
+def component_file(component: str, weights: str = "raw") -> str:
+    """An export's file name for ``component``'s ``weights`` ("raw" or "ema")."""
+    return f"{component}.ema.safetensors" if weights == "ema" else f"{component}.safetensors"
+
+
+def resolve_weights(manifest: Mapping[str, Any], weights: str, where: str) -> str:
+    """``weights`` (one of :data:`WEIGHT_CHOICES`) -> "raw" or "ema" for an export's manifest."""
+    if weights not in WEIGHT_CHOICES:
+        raise ExportError(f"weights={weights!r}: expected one of {list(WEIGHT_CHOICES)}")
+    has_ema = bool((manifest.get("weights") or {}).get("ema"))
+    if weights == "default":
+        return "ema" if has_ema else "raw"
+    if weights == "ema" and not has_ema:
+        raise ExportError(f"{where} holds no EMA weights (its stage kept no EMA, stage.ema.decay=null, or it had not "
+                          "started): use the raw weights")
+    return weights
+
+
 def export_component_files(export_dir: str | os.PathLike, components: Iterable[str] | None = None,
-                           key: str | None = None) -> dict[str, str]:
-    """``{component: .safetensors path}`` of an export, for ``components`` (``None``: all it has)."""
+                           key: str | None = None, weights: str = "raw") -> dict[str, str]:
+    """``{component: .safetensors path}`` of an export, for ``components`` (``None``: all it has)
+    and ``weights`` (see :data:`WEIGHT_CHOICES`; raw unless asked)."""
     export_dir = Path(export_dir).expanduser()
-    available = read_export_manifest(export_dir, key)["components"]
+    manifest = read_export_manifest(export_dir, key)
+    available = manifest["components"]
     wanted = list(available if components is None else components)
     absent = sorted(set(wanted) - set(available))
     if absent:
         raise ExportError(f"{f'{key}: ' if key else ''}the export {str(export_dir)!r} has no {absent} (it has {available})")
-    return {name: str((export_dir / f"{name}.safetensors").resolve()) for name in wanted}
+    kind = resolve_weights(manifest, weights, f"{f'{key}: ' if key else ''}the export {str(export_dir)!r}")
+    return {name: str((export_dir / component_file(name, kind)).resolve()) for name in wanted}
 
 
-def load_components(model, export_dir: str | os.PathLike, components: Iterable[str] | None = None) -> list[str]:
+def load_components(model, export_dir: str | os.PathLike, components: Iterable[str] | None = None,
+                    weights: str = "raw") -> list[str]:
     """Load exported components into ``model`` (an XDynaModel); returns the names loaded.
 
     ``components=None`` loads every component present in the export. Each file must match the
@@ -206,7 +234,7 @@ def load_components(model, export_dir: str | os.PathLike, components: Iterable[s
     """
     from xdyna.models.loading import load_component_safetensors
 
-    files = export_component_files(export_dir, components)
+    files = export_component_files(export_dir, components, weights=weights)
     for component, file in files.items():
         load_component_safetensors(model, component, file)
     return list(files)

@@ -202,6 +202,7 @@ def _no_model_building(monkeypatch):
         (["--dtype", "fp16"], "--dtype"),
         (["--device", "tpu"], "--device"),
         (["--sd15", "."], "--sd15"),
+        (["--weights", "ema"], "--weights"),  # the EMA/raw choice needs an export or a checkpoint
         (["--save-ground-truth", "gt.mp4"], "--save-ground-truth"),
         (["--pose-model", "x.onnx"], "--pose-model"),
         (["--face-detector", "retina"], "--face-detector"),

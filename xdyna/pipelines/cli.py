@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--model", metavar="FLAVOUR|YAML",
                          help="model config: a flavour name (tiny: random weights, for demos and tests) or a model YAML "
                               "with local pretrained paths; with --checkpoint or an export it replaces their own config")
+    weights.add_argument("--weights", choices=["ema", "raw"], default=None,
+                         help="with an export or --checkpoint: the EMA of the trained weights or the raw ones "
+                              "(default: the EMA when the stage kept one, else raw)")
     weights.add_argument("--sd15", metavar="DIR",
                          help="local diffusers SD1.5 folder for an export (default: the folder the export records)")
 
@@ -226,7 +229,7 @@ def check_args(args: argparse.Namespace) -> None:
         need(kind == "export" or not args.model, "--pretrained pipeline folder is a complete pipeline: do not combine it with --model")
         need(kind == "export" or not args.sd15, "--sd15 goes with an export folder or run directory; a pipeline folder holds its base weights")
         if kind == "export":
-            args.export_config = export_model_config(args.pretrained, args.model_config, args.sd15)
+            args.export_config = export_model_config(args.pretrained, args.model_config, args.sd15, args.weights or "default")
         args.weights_kind = kind
     elif args.checkpoint:
         need(not args.sd15, "--sd15 goes with --pretrained EXPORT; with --checkpoint give --model YAML with local paths")
@@ -239,6 +242,8 @@ def check_args(args: argparse.Namespace) -> None:
         need(args.model not in FLAVOURS or args.model == "tiny",
              f"--model {args.model} alone has no weights: give a model YAML with pretrained paths, --checkpoint or --pretrained")
         args.weights_kind = "config"
+    need(args.weights is None or args.weights_kind in ("export", "checkpoint"),
+         "--weights picks between an export's or a checkpoint's EMA and raw weights: give --pretrained EXPORT or --checkpoint")
 
     # The default face detector is an optional dependency: say so now, not after the model is built.
     faces_wanted = not args.no_face and (args.driving or args.face) and args.face_detector == "mtcnn"
@@ -276,7 +281,8 @@ def load_pipeline(args: argparse.Namespace):
         return XDynaPipeline.from_config(args.export_config, device=args.device, dtype=args.dtype,
                                          schedule=export_schedule(args.pretrained))
     if args.weights_kind == "checkpoint":
-        return XDynaPipeline.from_checkpoints(args.checkpoint, args.model_config, device=args.device, dtype=args.dtype)
+        return XDynaPipeline.from_checkpoints(args.checkpoint, args.model_config, device=args.device, dtype=args.dtype,
+                                              weights=args.weights or "default")
     if args.model == "tiny":
         logging.getLogger(__name__).warning("model tiny with random weights: the output shows the pipeline working, not a person")
     return XDynaPipeline.from_config(args.model_config, device=args.device, dtype=args.dtype)

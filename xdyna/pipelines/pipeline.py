@@ -32,8 +32,9 @@ from ..errors import ConfigError
 from ..diffusion import ScheduleConfig, sampling_scheduler
 from ..models import ModelConfig, XDynaModel, build_model
 from ..models.flavours import get_flavour
-from ..checkpoint_io import (EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, deepspeed_model_states, export_component_files,
-                             hyper_parameters, read_checkpoint, read_export_manifest)
+from ..checkpoint_io import (EMA_CHECKPOINT_KEY, EXPORT_MANIFEST, EXPORT_SUBDIR, WEIGHT_CHOICES, ExportError,
+                             deepspeed_model_states, export_component_files, hyper_parameters, read_checkpoint,
+                             read_export_manifest)
 from .context import ContextOptions
 from .checks import InputError, require_file
 from .sampling import denoise_latents, encode_image_prompt, initial_latents, model_has_image_prompt
@@ -101,20 +102,28 @@ def checkpoint_file(path: str | Path) -> Path:
     return require_file(file, "checkpoint")
 
 
-def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, ScheduleConfig]:
+def read_training_checkpoint(path: str | Path, weights: str = "raw") -> tuple[dict[str, torch.Tensor], dict | None, ScheduleConfig]:
     """``(model weights, model config or None, noise schedule)`` of an ``xdyna-train`` checkpoint,
     read by :func:`xdyna.checkpoint_io.read_checkpoint` (weights-only: a checkpoint never runs code
     on load). A checkpoint that records no schedule (written before schedules were configurable)
-    was trained with the default one.
+    was trained with the default one. ``weights``: "raw", "ema" (the checkpoint's EMA of the
+    trainable weights, :mod:`xdyna.train.ema`) or "default" (the EMA when it has one).
 
     Weight names are those of :class:`XDynaModel` (the LightningModule's ``model.`` prefix is removed).
     """
     file = checkpoint_file(path)
     try:
-        weights, meta = read_checkpoint(file)
+        raw, meta = read_checkpoint(file)
     except ExportError as error:
         raise PipelineFormatError(str(error)) from None
-    model_weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
+    if weights not in WEIGHT_CHOICES:
+        raise InputError(f"weights={weights!r}: expected one of {list(WEIGHT_CHOICES)}")
+    ema = (meta.get(EMA_CHECKPOINT_KEY) or {}).get("weights")
+    if weights == "ema" and ema is None:
+        raise PipelineFormatError(f"checkpoint {str(file)!r} holds no EMA weights (its stage kept no EMA, or it had "
+                                  "not started): use the raw weights")
+    chosen = ema if weights in ("ema", "default") and ema is not None else raw
+    model_weights = {name.removeprefix("model."): tensor.float() for name, tensor in chosen.items()}
     hyper = hyper_parameters(meta)
     model = hyper.get("model")
     return model_weights, dict(model) if isinstance(model, Mapping) else None, _recorded_schedule(hyper.get("schedule"), file)
@@ -170,17 +179,18 @@ def weights_folder(folder: str | Path) -> tuple[str, Path]:
 
 
 def export_model_config(folder: str | Path, config: ModelConfig | Mapping[str, Any] | None = None,
-                        sd15: str | Path | None = None) -> dict[str, Any]:
+                        sd15: str | Path | None = None, weights: str = "default") -> dict[str, Any]:
     """The model config that rebuilds an export's model: ``config`` or the one the export records,
     ``sd15`` as its SD1.5 folder when given, the export's components applied after any the config
     already lists (an earlier stage's). Every file it names is checked here, before anything is
-    built; the error names the config key and what to pass instead."""
+    built; the error names the config key and what to pass instead. ``weights``: which of the
+    export's files ("default": the EMA when it has one, else raw; "ema"; "raw")."""
     kind, export_dir = weights_folder(folder)
     if kind != "export":
         raise PipelineFormatError(f"{str(folder)!r} is a pipeline folder, not an export: load it with from_pretrained")
     try:
         manifest = read_export_manifest(export_dir)
-        own = export_component_files(export_dir)
+        own = export_component_files(export_dir, weights=weights)
     except ExportError as error:
         raise PipelineFormatError(str(error)) from None
     recorded = manifest.get("model")
@@ -284,13 +294,16 @@ class XDynaPipeline:
         config: ModelConfig | Mapping[str, Any] | None = None,
         device="cpu",
         dtype="fp32",
+        weights: str = "default",
     ) -> "XDynaPipeline":
         """Base model from ``config`` (default: the first checkpoint's own model config), then the
         weights of every checkpoint in order (e.g. stage 1, then stage 2's S-Face ControlNet).
-        Sampling uses the noise schedule the checkpoints record; they must agree on it."""
+        Sampling uses the noise schedule the checkpoints record; they must agree on it.
+        ``weights``: "default" (each checkpoint's EMA when it keeps one, else its raw weights),
+        "ema" or "raw"."""
         if not checkpoints:
             raise InputError("from_checkpoints needs at least one checkpoint")
-        loaded = [(Path(path), *read_training_checkpoint(path)) for path in checkpoints]
+        loaded = [(Path(path), *read_training_checkpoint(path, weights)) for path in checkpoints]
         if config is None:
             config = loaded[0][2]
             if config is None:
@@ -313,13 +326,15 @@ class XDynaPipeline:
         sd15: str | Path | None = None,
         device="cpu",
         dtype="fp32",
+        weights: str = "default",
     ) -> "XDynaPipeline":
         """An ``xdyna-export`` folder (what a finished training stage writes to ``<run>/export``;
         a run directory is accepted for it): the model config it records (or ``config``), the
         frozen base weights from the folders that config names (``sd15`` replaces the SD1.5
         folder, e.g. on another machine), the exported components applied last; sampling uses the
-        noise schedule the export records."""
-        mapping = export_model_config(folder, config, sd15)
+        noise schedule the export records. ``weights``: "default" (the export's EMA when it has
+        one, else the raw weights), "ema" or "raw"."""
+        mapping = export_model_config(folder, config, sd15, weights)
         return cls.from_config(mapping, device=device, dtype=dtype, schedule=export_schedule(folder))
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], source: str = "<weights>") -> list[str]:

@@ -18,6 +18,7 @@ from datapipes.video import encode_mp4
 
 from ..metrics.validation import validation_metrics
 from ..pipelines import sample_clip
+from .ema import sampling_weights
 from .batches import to_float_batch
 from .collectives import any_rank
 from .telemetry import logged_step
@@ -53,7 +54,8 @@ class SampleVideoCallback(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, max_samples: int = 2, fps: float = 8.0, seed: int = 0,
-                 lpips_net=None, face_detector=None):
+                 lpips_net=None, face_detector=None, weights: str = "ema"):
+        self.weights = weights  # "ema" (when the run keeps one) or "raw": see xdyna.train.ema.sampling_weights
         # Optional metric models for validation_metrics: None skips LPIPS / Face-Det.
         self.lpips_net = lpips_net
         self.face_detector = face_detector
@@ -94,10 +96,11 @@ class SampleVideoCallback(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            generated = sample_clip(
-                pl_module.model, batch["reference"], batch["pose"], face, self.num_inference_steps, generator,
-                schedule=pl_module.schedule,
-            )
+            with sampling_weights(trainer, pl_module, self.weights):  # the EMA when the run keeps one
+                generated = sample_clip(
+                    pl_module.model, batch["reference"], batch["pose"], face, self.num_inference_steps, generator,
+                    schedule=pl_module.schedule,
+                )
         finally:
             pl_module.train(was_training)
         frames = np.concatenate(

@@ -140,6 +140,7 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from ..checkpoint_io import EXPORT_SUBDIR, checkpoint_refusal, deepspeed_globals, weights_only_loading
     from .export import export_run, init_component_files
     from .module import XDynaTrainingModule
+    from .ema import EMACallback, EMAConfig
     from .telemetry import TrainingTelemetry
 
     run_dir = Path(cfg.run.dir).resolve()
@@ -182,6 +183,7 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         max_samples=cfg.samples.max_samples,
         fps=cfg.samples.fps,
         seed=cfg.seed,
+        weights=OmegaConf.select(cfg, "samples.weights", default="ema"),
         face_detector=_face_detector() if OmegaConf.select(cfg, "samples.face_det", default=False) else None,
         lpips_net=_lpips_net(lpips_weights) if (lpips_weights := OmegaConf.select(cfg, "samples.lpips_weights")) else None,
     )
@@ -190,6 +192,9 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     logger = build_logger(cfg, run_dir, resume_step)
     telemetry = TrainingTelemetry(peak_tflops=OmegaConf.select(cfg, "telemetry.peak_tflops", default=None))
     callbacks = [*scaleout.callbacks, samples, telemetry, StepProgressBar()]
+    ema_config = EMAConfig.from_mapping(stage_cfg.get("ema"))  # stage.ema.decay=null: no EMA
+    if ema_config.enabled:  # first: a step's checkpoint and sample video must see that step's EMA
+        callbacks.insert(0, EMACallback(ema_config))
     hold_after_step = OmegaConf.select(cfg, "debug.hold_after_step", default=None)
     if hold_after_step is not None:
         callbacks.append(HoldForSignal(hold_after_step, preemption_signals))

@@ -8,6 +8,7 @@ directory::
     <out>/motion_modules.safetensors
     <out>/pose_controlnet.safetensors
     <out>/face_controlnet.safetensors    # only components the checkpoint trained
+    <out>/<component>.ema.safetensors    # their EMA, when the stage kept one (stage.ema; xdyna.train.ema)
     <out>/export.json                    # step, components, model config, noise schedule, source checkpoint
 
 Each file holds one component's fp32 weights under the names :meth:`XDynaModel.component_parameters`
@@ -26,8 +27,8 @@ import torch
 
 from datapipes.atomic import save_safetensors, write_bytes_atomic
 
-from xdyna.checkpoint_io import (EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, export_component_files, hyper_parameters,
-                                 read_checkpoint)
+from xdyna.checkpoint_io import (EMA_CHECKPOINT_KEY, EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, component_file,
+                                 export_component_files, hyper_parameters, read_checkpoint)
 from xdyna.diffusion import ScheduleConfig
 
 _MODULE_PREFIX = "model."
@@ -60,6 +61,20 @@ def split_by_component(weights: Mapping[str, torch.Tensor], model) -> dict[str, 
     return groups
 
 
+def ema_components(meta: Mapping[str, Any], model, checkpoint) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None]:
+    """The checkpoint's EMA (:mod:`xdyna.train.ema`) grouped by component, and its settings
+    (``None``: the run kept no EMA, or it had not started)."""
+    state = meta.get(EMA_CHECKPOINT_KEY)
+    if not isinstance(state, Mapping) or state.get("weights") is None:
+        return {}, None
+    try:
+        groups = split_by_component({k: v.float() for k, v in state["weights"].items()}, model)
+    except ExportError as error:
+        raise ExportError(f"{checkpoint}: its EMA: {error}") from None
+    return groups, {"config": dict(state.get("config") or {}), "updates": int(state.get("updates", 0)),
+                    "last_step": int(state.get("last_step", -1))}
+
+
 def build_model_from_hparams(hparams: Mapping[str, Any]):
     from xdyna.models import ModelConfig, build_model
 
@@ -79,9 +94,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     step = int(meta.get("global_step", -1))
-    for component, tensors in groups.items():
-        save_safetensors(tensors, out_dir / f"{component}.safetensors",
-                         metadata={"format": "xdyna-component", "component": component, "step": str(step)})
+    ema_groups, ema_state = ema_components(meta, model, checkpoint)
+    files = {"raw": {}, "ema": {}}
+    for kind, kind_groups in (("raw", groups), ("ema", ema_groups)):
+        for component, tensors in kind_groups.items():
+            file = component_file(component, kind)
+            save_safetensors(tensors, out_dir / file, metadata={"format": "xdyna-component", "component": component,
+                                                               "step": str(step), "weights": kind})
+            files[kind][component] = file
     manifest = {
         "components": sorted(groups),
         "step": step,
@@ -91,6 +111,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         # What the pipeline samples with; a checkpoint from before schedules were configurable
         # was trained with the default one.
         "schedule": ScheduleConfig.from_mapping(hparams.get("schedule")).to_dict(),
+        # Which file is which: "raw" the optimizer's weights, "ema" their moving average (when the
+        # stage kept one and it had started); "default_weights" is what xdyna-animate loads.
+        "weights": {kind: kind_files for kind, kind_files in files.items() if kind_files},
+        "default_weights": "ema" if files["ema"] else "raw",
+        "ema": ema_state,
     }
     write_bytes_atomic(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     return manifest
