@@ -43,10 +43,13 @@ def outputs(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path, shards):
+def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path, shards, tiny_sd15_folder):
+    from tests.test_provenance import check_run_provenance
     from xdyna.train.module import XDynaTrainingModule
 
-    first = train(tmp_path, shards, "trainer.max_steps=3")
+    # Tiny saved SD1.5 weights: the provenance check below finds their file hashes.
+    sd15 = f"model.pretrained.sd15={tiny_sd15_folder}"
+    first = train(tmp_path, shards, "trainer.max_steps=3", sd15)
     assert first.returncode == 0, first.stderr[-3000:]
     out = outputs(first.stdout)
     checkpoint = Path(out["checkpoint"])
@@ -67,9 +70,13 @@ def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path
     changed = [k for k, v in state["state_dict"].items() if not torch.equal(fresh.state_dict()[k], v)]
     assert changed, "training did not change any trainable weight"
 
-    second = train(tmp_path, shards, "trainer.max_steps=5")
+    second = train(tmp_path, shards, "trainer.max_steps=5", sd15)
     assert second.returncode == 0, second.stderr[-3000:]
     assert outputs(second.stdout)["resumed_from"] == str(checkpoint)
+    # Commit, config, shard hash, versions, world size, resume chain and pretrained hashes, read
+    # back from an xdyna-export of the resumed run and from its W&B run.
+    check_run_provenance(tmp_path, shards, checkpoint, Path(outputs(second.stdout)["checkpoint"]), tiny_sd15_folder,
+                         Path(outputs(second.stdout)["wandb_dir"]), max_steps=5)
     # Checkpoints are step-named and committed atomically (xdyna.train.checkpointing): the resumed
     # run's newest one is a new file, the step-3 one it resumed from is left as it was.
     resumed_checkpoint = Path(outputs(second.stdout)["checkpoint"])
@@ -83,7 +90,7 @@ def test_train_writes_loadable_checkpoint_sample_and_wandb_then_resumes(tmp_path
     marker = tmp_path / "ran"
     state["callbacks"]["planted"] = RunsCode(marker)
     torch.save(state, resumed_checkpoint)
-    third = train(tmp_path, shards, "trainer.max_steps=6")
+    third = train(tmp_path, shards, "trainer.max_steps=6", sd15)
     assert third.returncode == 2, third.stderr[-3000:]
     assert_one_line_error(third, "step=000005.ckpt' is refused: it holds")
     assert not marker.exists()

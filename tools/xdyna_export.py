@@ -7,6 +7,8 @@ CHECKPOINT is a DeepSpeed ZeRO checkpoint directory (any stage, any number of ra
 single-file Lightning checkpoint. OUT_DIR gets ``<component>.safetensors`` for each trained
 component (dynamics_adapter, motion_modules, pose_controlnet, face_controlnet) and
 ``export.json``; ``xdyna.checkpoint_io.load_components`` reads them back into the model.
+``provenance.json`` beside them says where the weights came from (commit, config, data, versions,
+resume chain, pretrained file hashes; :mod:`xdyna.provenance`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from xdyna.errors import XDynaUserError
+from xdyna.provenance import PROVENANCE_FILE
 from xdyna.train import checkpointing
 from xdyna.train.export import export_checkpoint
 
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported step {manifest['step']} of {checkpoint}")
     for component in manifest["components"]:
         print(f"  {args.out_dir / (component + '.safetensors')}")
+    print(f"  {args.out_dir / PROVENANCE_FILE}")
     return 0
 
 

@@ -288,6 +288,20 @@ def load_pipeline(args: argparse.Namespace):
     return XDynaPipeline.from_config(args.model_config, device=args.device, dtype=args.dtype)
 
 
+def weights_provenance(args: argparse.Namespace) -> list[str]:
+    """Where the weights ``args`` name came from (:func:`xdyna.provenance.describe`), one block per
+    export or checkpoint that records it; call after :func:`check_args`."""
+    from .. import provenance
+    from .pipeline import weights_folder
+
+    if args.weights_kind == "export":
+        sources = [weights_folder(args.pretrained)[1]]
+    else:
+        sources = args.checkpoint if args.weights_kind == "checkpoint" else []
+    records = [provenance.read(source) for source in sources]
+    return [provenance.describe(record) for record in records if record is not None]
+
+
 def run(args: argparse.Namespace) -> dict:
     """Animate as ``args`` say; returns what was written and how long it took."""
     from datapipes.atomic import write_bytes_atomic
@@ -300,6 +314,8 @@ def run(args: argparse.Namespace) -> dict:
 
     log = logging.getLogger(__name__)
     check_args(args)
+    for block in weights_provenance(args):
+        print(block, flush=True)
     reference_image = load_image(args.reference, "--reference image")
     context = ContextOptions(args.context_frames, args.context_overlap, closed_loop=not args.open_loop,
                              windows_per_batch=args.windows_per_batch)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from xdyna import provenance
 from xdyna.train import checkpointing
 from xdyna.train.rank_rng import rank_generator, reseed_global_generators
 
@@ -156,3 +157,63 @@ class RandomStateCheckpoint(L.Callback):
             device = pl_module.objective_generator().device
             fresh = rank_generator(pl_module.seed, trainer.global_rank, device, generation=self.generation)
             pl_module.load_objective_rng_state(fresh.get_state())
+
+
+class ProvenanceCheckpoint(L.Callback):
+    """Puts the run's provenance (:mod:`xdyna.provenance`) into every checkpoint (the dict's
+    ``provenance`` entry; a DeepSpeed directory also gets it as ``provenance.json`` beside the
+    shards) and into the W&B run's config and summary, and carries the resume chain.
+
+    The run-constant part (git, config, shard hashes, versions, pretrained file hashes) is collected
+    once, on global rank 0 only (hashing GBs of pretrained weights on every rank would only repeat
+    the same work). Each resume appends one link to the chain read from the checkpoint it resumes:
+    the checkpoint, its step, the world size it was written on (the saved record's, else the
+    ``COMPLETE`` marker's that :mod:`xdyna.train.elastic` reads) and the one it resumes on.
+    """
+
+    def __init__(self, config: dict, data: dict | None, pretrained: dict | None) -> None:
+        self._inputs = (config, data, pretrained)
+        self._base: dict | None = None
+        self.resume_chain: list[dict] = []
+
+    def record(self, trainer) -> dict:
+        if self._base is None:
+            config, data, pretrained = self._inputs
+            self._base = provenance.collect(config, data=data, pretrained=pretrained)
+        return provenance.with_run_state(self._base, trainer.global_step, trainer.world_size, self.resume_chain)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        from xdyna.train.elastic import saved_world_size
+        from xdyna.train.slurm import slurm_job_id
+
+        saved = checkpoint.get(provenance.CHECKPOINT_KEY) or {}
+        path = trainer.ckpt_path
+        from_world_size = saved.get("world_size")
+        if from_world_size is None and path is not None and Path(path).is_dir():
+            from_world_size = saved_world_size(path)
+        self.resume_chain = [*saved.get("resume_chain", []),
+                             provenance.resume_entry(path, checkpoint.get("global_step", 0), trainer.world_size,
+                                                     from_world_size, slurm_job_id())]
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Only global rank 0's dict reaches disk (DDP and DeepSpeed's client state alike).
+        if trainer.is_global_zero:
+            checkpoint[provenance.CHECKPOINT_KEY] = self.record(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                record = self.record(trainer)
+                logger.experiment.config.update({provenance.CHECKPOINT_KEY: provenance.compact(record)},
+                                                allow_val_change=True)
+                logger.experiment.summary.update({
+                    "provenance/git_commit": record["git"]["commit"],
+                    "provenance/git_dirty": record["git"]["dirty"],
+                    "provenance/shards_sha256": (record["data"] or {}).get("shards_sha256"),
+                    "provenance/world_size": record["world_size"],
+                    "provenance/resumes": len(record["resume_chain"]),
+                })

@@ -228,10 +228,13 @@ def save_directory_checkpoint(
     broadcast: Callable[[Any], Any],
     barrier: Callable[[], None],
     metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Collective save of a sharded checkpoint directory, committed by rank 0 once every rank is done.
 
-    ``write_shards(tmp_dir)`` is called on every rank with the same temporary directory.
+    ``write_shards(tmp_dir)`` is called on every rank with the same temporary directory. Rank 0's
+    ``provenance`` (:mod:`xdyna.provenance`) lands beside the shards as ``provenance.json``, where
+    it is read without DeepSpeed; the ``COMPLETE`` marker stays the small ``metadata``.
     """
     final_path = Path(final_path)
     tmp = Path(broadcast(str(partial_path(final_path)) if is_global_zero else None))
@@ -241,6 +244,10 @@ def save_directory_checkpoint(
     write_shards(tmp)
     barrier()  # every shard is on disk before rank 0 makes the directory visible
     if is_global_zero:
+        if provenance is not None:
+            from xdyna.provenance import write_file
+
+            write_file(tmp, provenance)
         commit(tmp, final_path, metadata)
     barrier()  # no rank goes on (e.g. requeues, deletes old checkpoints) before the commit
     return final_path

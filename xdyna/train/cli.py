@@ -134,6 +134,7 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from .callbacks import HoldForSignal, SampleVideoCallback, StepProgressBar
+    from .checkpoint_callbacks import ProvenanceCheckpoint
     from .checkpointing import list_complete_checkpoints, newest_complete_checkpoint
     from .scaleout import build_scaleout
     from .datamodule import ClipDataModule
@@ -191,7 +192,9 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
                         if entry.path == scaleout.resume_from), 0)
     logger = build_logger(cfg, run_dir, resume_step)
     telemetry = TrainingTelemetry(peak_tflops=OmegaConf.select(cfg, "telemetry.peak_tflops", default=None))
-    callbacks = [*scaleout.callbacks, samples, telemetry, StepProgressBar()]
+    # Every checkpoint, the export and the W&B run record where they came from (xdyna.provenance).
+    provenance = ProvenanceCheckpoint(OmegaConf.to_container(cfg, resolve=True), data_cfg, model_cfg.get("pretrained"))
+    callbacks = [*scaleout.callbacks, provenance, samples, telemetry, StepProgressBar()]
     ema_config = EMAConfig.from_mapping(stage_cfg.get("ema"))  # stage.ema.decay=null: no EMA
     if ema_config.enabled:  # first: a step's checkpoint and sample video must see that step's EMA
         callbacks.insert(0, EMACallback(ema_config))

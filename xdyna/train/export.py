@@ -10,6 +10,7 @@ directory::
     <out>/face_controlnet.safetensors    # only components the checkpoint trained
     <out>/<component>.ema.safetensors    # their EMA, when the stage kept one (stage.ema; xdyna.train.ema)
     <out>/export.json                    # step, components, model config, noise schedule, source checkpoint
+    <out>/provenance.json                # where the weights came from (xdyna.provenance)
 
 Each file holds one component's fp32 weights under the names :meth:`XDynaModel.component_parameters`
 gives them, so :func:`xdyna.checkpoint_io.load_components` reads them back with a completeness check.
@@ -29,6 +30,7 @@ from datapipes.atomic import save_safetensors, write_bytes_atomic
 
 from xdyna.checkpoint_io import (EMA_CHECKPOINT_KEY, EXPORT_MANIFEST, EXPORT_SUBDIR, ExportError, component_file,
                                  export_component_files, hyper_parameters, read_checkpoint)
+from xdyna import provenance
 from xdyna.diffusion import ScheduleConfig
 
 _MODULE_PREFIX = "model."
@@ -118,6 +120,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         "ema": ema_state,
     }
     write_bytes_atomic(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    # Where the weights came from: the checkpoint's record (xdyna.provenance) and this export.
+    recorded = meta.get(provenance.CHECKPOINT_KEY)
+    provenance.write_file(out_dir, {
+        **(dict(recorded) if isinstance(recorded, Mapping) else
+           {"unrecorded": "the checkpoint was written before xdyna-train recorded provenance"}),
+        "exported_from": {"checkpoint": manifest["source"], "step": step, "time": provenance.now(),
+                          "git": provenance.git_state(), "versions": provenance.versions()},
+    })
     return manifest
 
 

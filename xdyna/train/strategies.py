@@ -84,6 +84,7 @@ class XDynaDeepSpeedStrategy(DeepSpeedStrategy):
                 "world_size": self.world_size,
                 "zero_stage": (self.config or {}).get("zero_optimization", {}).get("stage"),
             },
+            provenance=checkpoint.get("provenance"),
         )
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
