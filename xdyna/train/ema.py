@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -175,8 +176,16 @@ class EMACallback(L.Callback):
         self.updates += 1
 
     # ------------------------------------------------------------------ training hooks
+    def local_bytes(self, pl_module) -> int:
+        """Bytes of EMA state on this rank (fp32 of its layout), whether or not it has started."""
+        return FP32_BYTES * sum(_local(p).numel() for p in self.trainable(pl_module).values())
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._materialise_loaded(pl_module)  # ZeRO-3 partitions exist only once the engine is built
+        partitioned = any(_is_partitioned(p) for p in self.trainable(pl_module).values())
+        rank_zero_info(f"EMA of the trainable weights: decay {self.config.decay}, from step {self.config.start_step} "
+                       f"every {self.config.every_n_steps}; {self.local_bytes(pl_module):,} B fp32 on each rank "
+                       f"({'its ZeRO-3 partition' if partitioned else 'a full copy'})")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps done; several micro-batches share one
