@@ -6,7 +6,11 @@ Composes the same Hydra config as ``xdyna-train`` (any ``model=``/``stage=``/``d
 override), builds the model on the meta device (no weights are read, no memory is used; weight
 paths may be left unset) and prints JSON: parameters per component (total and trainable), training
 FLOPs per sample at the configured frames and resolution, model-state memory per GPU under DDP,
-ZeRO-2 and ZeRO-3. Thin over :func:`xdyna.models.info.describe_job`.
+ZeRO-2 and ZeRO-3, and the predicted peak GPU memory of a training step (weights, activations at
+the micro-batch, frames, resolution, precision and checkpointing policy, Adam state, a workspace
+allowance; a fake-tensor run of the step, about a minute at SD1.5 size). ``--fit 80GiB 40GiB``
+instead names, per checkpointing policy, the largest micro-batch and frame count that fit.
+Thin over :func:`xdyna.models.info.describe_job` and :func:`xdyna.models.memory.fit`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs sharing the job (default: trainer.devices x trainer.num_nodes when numeric, else 8)")
     parser.add_argument("--precision", default=None, help="training precision (default: trainer.precision)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="clips per GPU per step (default: data.batch_size)")
+    parser.add_argument("--engine", default=None,
+                        help="ddp (float32 weights + autocast) or DeepSpeed zero2/zero3 (module in the half dtype); "
+                             "default: from trainer.strategy")
+    parser.add_argument("--checkpointing", default=None,
+                        help="activation checkpointing policy (none, diffusers, unet, all) or comma-separated block kinds; "
+                             "default: the model config's")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory prediction (a fake-tensor run of the step)")
+    parser.add_argument("--fit", nargs="+", metavar="SIZE", default=None,
+                        help="GPU memory sizes (80GiB 40GiB 24GiB): the largest micro-batch and frame count that fit "
+                             "each, per checkpointing policy")
     return parser
+
+
+def _engine(trainer) -> str:
+    strategy = trainer.get("strategy") or {}
+    kind = str(strategy.get("kind", "auto")) if hasattr(strategy, "get") else str(strategy)
+    if kind.startswith("deepspeed"):
+        return f"zero{int(strategy.get('zero_stage', 2))}" if int(strategy.get("zero_stage", 2)) in (2, 3) else "zero2"
+    return "ddp"
+
+
+def _checkpointing(value: str | None):
+    """A policy name or one kind as given; ``resnets,motion`` as a list of kinds."""
+    if value is None or "," not in value:
+        return value
+    return [kind.strip() for kind in value.split(",") if kind.strip()]
 
 
 def _world_size(trainer) -> int:
@@ -62,20 +92,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from xdyna.errors import XDynaUserError
     from xdyna.models.info import describe_job
+    from xdyna.models.memory import fit, parse_bytes
     from xdyna.train.hydra_errors import describe_config_error
 
     try:
         cfg = compose(args.overrides)
-        report = describe_job(
-            model_config_for_sizing(cfg.model),
+        model_config = model_config_for_sizing(cfg.model)
+        job = dict(
             trainable=list(cfg.stage.trainable),
             conditions=list(cfg.stage.get("conditions", ["pose"])),
-            frames=int(cfg.data.num_frames),
             height=int(cfg.data.height),
             width=int(cfg.data.width),
             world_size=args.world_size or _world_size(cfg.trainer),
             precision=str(args.precision or cfg.trainer.get("precision", "32")),
+            engine=args.engine or _engine(cfg.trainer),
         )
+        if args.fit:
+            targets = [parse_bytes(size) for size in args.fit]
+            cache: dict = {}  # one fake run per (policy, batch, frames), shared by the targets
+            report = {"fit": [fit(target, model_config, frames=int(cfg.data.num_frames), cache=cache, **job) for target in targets]}
+        else:
+            report = describe_job(model_config, frames=int(cfg.data.num_frames), **job,
+                                  batch=args.micro_batch or int(cfg.data.get("batch_size", 1)),
+                                  checkpointing=_checkpointing(args.checkpointing), memory=not args.no_memory)
     except (XDynaUserError, HydraException, OmegaConfBaseException) as error:
         # The same one line as xdyna-train for a bad override (the option or key, the choices).
         message = describe_config_error(error, args.overrides)

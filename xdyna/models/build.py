@@ -259,6 +259,10 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> XDyn
             if network is not None:
                 network.enable_gradient_checkpointing()
     model = XDynaModel(config, unet, vae, pose_controlnet, face_controlnet, prompt_embeds, frame_layout, image_prompt, reference_net)
+    if config.activation_checkpointing is not None:  # selective, by block kind (replaces diffusers' flags)
+        from .activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, config.activation_checkpointing, config.gradient_checkpointing)
     model.requires_grad_(False)
     if not meta:
         _load_artifacts(model, config)

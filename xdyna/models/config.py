@@ -74,6 +74,9 @@ class ModelConfig:
     attention_backend: str = "sdpa"
     max_attention_batch: int = 65535
     gradient_checkpointing: bool = False
+    # Which blocks recompute their activations in backward (activation_checkpointing.py): a policy
+    # (none, diffusers, unet, all) or a list of block kinds; null: gradient_checkpointing decides.
+    activation_checkpointing: Any = None
     pose_conditioning_scale: float = 1.0
     face_conditioning_scale: float = 1.0
     vae_chunk_size: int = 16  # frames per VAE encode/decode call, bounds activation memory
@@ -143,6 +146,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         self.resolve_groupnorm()  # a mode set to auto after construction
+        from .activation_checkpointing import resolve_policy
+
+        resolve_policy(self.activation_checkpointing, self.gradient_checkpointing)  # one line naming a bad kind
 
         def choose(key: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:

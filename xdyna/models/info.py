@@ -11,6 +11,7 @@ module shapes (convolutions, linear layers, attention products) used to check it
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
-from .build import build_model
+from . import build_model
 from .config import ModelConfig
 from .flavours import get_flavour
 from .xdyna_model import COMPONENTS, FROZEN_PARTS, XDynaModel
@@ -140,15 +141,33 @@ def sd_unet_forward_flops(flavour_name: str, latent_height: int, latent_width: i
     raise ValueError(f"method {method!r}: flop_counter or analytic")
 
 
-def training_flops(model: XDynaModel, conditions: list[str], frames: int, height: int, width: int) -> dict[str, int]:
-    """FLOPs of one training sample on ``model`` (meta device): frozen encoders, the denoiser's
-    forward and its backward (only what the trainable set requires)."""
+def _call(phase: str, function, *args, **kwargs):
+    return function(*args, **kwargs)
+
+
+def run_training_step(
+    model: XDynaModel,
+    conditions: list[str],
+    frames: int,
+    height: int,
+    width: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+    forward_context=contextlib.nullcontext,
+    around=_call,
+) -> None:
+    """One training step of ``model`` as ``XDynaTrainingModule.diffusion_loss`` runs it (frozen
+    encoders, the image prompt, the denoiser, the loss) and its backward (only what the trainable
+    set requires), on zero inputs of ``dtype`` on the model's device (meta or fake tensors for
+    sizing). ``forward_context()`` wraps the forward part as the precision plugin does (autocast);
+    ``around(phase, function, *args)`` runs each part (``encoders``, ``forward``, ``backward``):
+    the FLOP counter and the memory predictor each wrap it their way."""
     device = model.prompt_embeds.device
-    video = torch.zeros(1, frames, 3, height, width, device=device)
-    reference = torch.zeros(1, 3, height, width, device=device)
-    pose = torch.zeros(1, frames, 3, height, width, device=device) if "pose" in conditions else None
-    face = torch.zeros(1, frames, 6, height, width, device=device) if "face" in conditions else None
-    timesteps = torch.full((1,), 500, device=device, dtype=torch.long)
+    video = torch.zeros(batch, frames, 3, height, width, device=device, dtype=dtype)
+    reference = torch.zeros(batch, 3, height, width, device=device, dtype=dtype)
+    pose = torch.zeros(batch, frames, 3, height, width, device=device, dtype=dtype) if "pose" in conditions else None
+    face = torch.zeros(batch, frames, 6, height, width, device=device, dtype=dtype) if "face" in conditions else None
+    timesteps = torch.full((batch,), 500, device=device, dtype=torch.long)
 
     prompt_trains = model.image_prompt is not None and any(p.requires_grad for p in model.image_prompt.resampler.parameters())
 
@@ -161,22 +180,57 @@ def training_flops(model: XDynaModel, conditions: list[str], frames: int, height
                 prompt = model.encode_image_prompt_for_training(reference)
         return latents, reference_latents, prompt
 
-    encode_flops, (latents, reference_latents, prompt) = count_flops(encode)
-    prompt_flops = 0
-    if prompt_trains:
-        # The Resampler trains in the w/IP-A ablation: its forward belongs to the graph.
-        prompt_flops, prompt = count_flops(model.encode_image_prompt_for_training, reference)
-    forward_flops, prediction = count_flops(model.denoise, latents, timesteps, reference_latents, pose, face, image_prompt=prompt)
-    forward_flops += prompt_flops
-    backward_flops = 0
-    if prediction.requires_grad:
-        backward_flops, _ = count_flops(lambda: prediction.float().square().mean().backward())
-    return {
-        "encoders": encode_flops,
-        "forward": forward_flops,
-        "backward": backward_flops,
-        "training": encode_flops + forward_flops + backward_flops,
-    }
+    with forward_context():
+        latents, reference_latents, prompt = around("encoders", encode)
+        del video
+        if prompt_trains:
+            # The Resampler trains in the w/IP-A ablation: its forward belongs to the graph.
+            prompt = around("forward", model.encode_image_prompt_for_training, reference)
+        prediction = around("forward", model.denoise, latents, timesteps, reference_latents, pose, face, image_prompt=prompt)
+        loss = torch.nn.functional.mse_loss(prediction.float(), torch.zeros_like(latents, dtype=torch.float32))
+    del prediction, latents, reference_latents, prompt
+    if loss.requires_grad:
+        around("backward", loss.backward)
+
+
+def training_flops(model: XDynaModel, conditions: list[str], frames: int, height: int, width: int) -> dict[str, int]:
+    """FLOPs of one training sample on ``model`` (meta device): frozen encoders, the denoiser's
+    forward and its backward (only what the trainable set requires)."""
+    flops = dict.fromkeys(("encoders", "forward", "backward"), 0)
+
+    def counted(phase, function, *args, **kwargs):
+        count, result = count_flops(function, *args, **kwargs)
+        flops[phase] += count
+        return result
+
+    run_training_step(model, conditions, frames, height, width, around=counted)
+    return {**flops, "training": sum(flops.values())}
+
+
+def training_flops_pair(model_config: ModelConfig, trainable: list[str], conditions: list[str], frames: int,
+                        height: int, width: int) -> dict[str, int]:
+    """Training FLOPs of one sample, twice: ``model`` (the math, no recompute: what model-FLOPs
+    MFU counts) and ``hardware`` (what the GPU executes: the configured activation checkpointing
+    recomputes its blocks' forward in backward). Both counted on meta-device models."""
+    counts = {}
+    for key, config in (("model", replace(model_config, gradient_checkpointing=False, activation_checkpointing=None)),
+                        ("hardware", model_config)):
+        model = build_model(config, device="meta")
+        model.set_trainable(trainable)
+        counts[key] = training_flops(model, conditions, frames, height, width)["training"]
+    return counts
+
+
+def _in_gib(report: dict[str, Any]) -> dict[str, Any]:
+    """``*_bytes`` entries (numbers or dicts of numbers) as ``*_GiB``, for reading."""
+    out: dict[str, Any] = {}
+    for key, value in report.items():
+        if not key.endswith("_bytes"):
+            out[key] = value
+            continue
+        name = key.removesuffix("_bytes") + "_GiB"
+        out[name] = {k: round(v / GIB, 4) for k, v in value.items()} if isinstance(value, dict) else round(value / GIB, 4)
+    return out
 
 
 def describe_job(
@@ -188,8 +242,16 @@ def describe_job(
     width: int,
     world_size: int = 8,
     precision: str = "bf16-mixed",
+    batch: int = 1,
+    engine: str = "zero2",
+    checkpointing: Any = None,
+    memory: bool = True,
 ) -> dict[str, Any]:
-    """The ``xdyna-info`` report for one model/stage/data composition."""
+    """The ``xdyna-info`` report for one model/stage/data composition. ``memory``: also predict
+    the peak GPU memory of a step (:func:`xdyna.models.memory.predict_peak`, a fake-tensor run of
+    the step at full size: about a minute at SD1.5 size on 2 CPU cores)."""
+    from .memory import predict_peak
+
     if height % 8 or width % 8:
         raise ConfigError(f"height x width {height}x{width}: both must be multiples of 8 (VAE)")
     config = replace(model_config, gradient_checkpointing=False)  # count model FLOPs, not recomputation
@@ -198,8 +260,13 @@ def describe_job(
     counts = parameter_counts(model)
     flops = training_flops(model, conditions, frames, height, width)
     flops["unet_forward_per_frame"] = sd_unet_forward_flops(config.flavour, height // 8, width // 8, "analytic")
+    # What the GPU executes: the checkpointing policy's recompute on top (hardware-FLOPs MFU).
+    policy_config = model_config if checkpointing is None else replace(model_config, activation_checkpointing=checkpointing)
+    hardware = build_model(policy_config, device="meta")
+    hardware.set_trainable(trainable)
+    flops["training_with_recompute"] = training_flops(hardware, conditions, frames, height, width)["training"]
     trainable_count = counts["all"]["trainable"]
-    return {
+    report = {
         "model": {"flavour": config.flavour, "reference": config.reference, "face": config.face,
                   "image_prompt": config.image_prompt, "resnet_groupnorm": config.resnet_groupnorm},
         "stage": {"trainable": list(trainable), "conditions": list(conditions)},
@@ -210,3 +277,8 @@ def describe_job(
         "components": list(COMPONENTS),
         "frozen_parts": list(FROZEN_PARTS),
     }
+    if memory:
+        peak = predict_peak(model_config, trainable, conditions, frames, height, width, batch=batch, precision=precision,
+                            engine=engine, world_size=world_size, checkpointing=checkpointing)
+        report["peak_memory_per_gpu"] = _in_gib(peak)
+    return report

@@ -11,7 +11,9 @@ Per logging interval (``trainer.log_every_n_steps``) and at the last step (``tra
 - ``perf/mfu``: model FLOPs utilisation = training FLOPs per sample x samples/s /
   (``telemetry.peak_tflops`` x world size); FLOPs per sample come from
   :func:`xdyna.models.info.training_flops` (torch's FLOP counter on a meta-device copy of the
-  model at the batch's shape: encoders, forward, backward of what trains), counted once;
+  model at the batch's shape: encoders, forward, backward of what trains, no recompute), counted once;
+- ``perf/hfu``: the same with hardware FLOPs (activation checkpointing's recompute included:
+  what the GPU executes; :func:`xdyna.models.info.training_flops_pair`);
 - ``data/samples_drawn``, ``data/bad_samples``, ``data/bad_fraction``: rank 0's loader counters
   (bad samples are skipped by the loader; the run stops past ``data.max_bad_fraction``), and the
   same per data source as ``data/<source>/samples_drawn`` etc. (every key of ``loader.stats()``);
@@ -27,7 +29,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -44,16 +45,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return peak * (1 if sys.platform == "darwin" else 1024) / GIB
 
 
-def flops_per_sample(pl_module, batch: dict[str, Any]) -> int:
-    """Training FLOPs of one sample of ``batch``'s shape, counted on a meta-device model."""
-    from xdyna.models import build_model
-    from xdyna.models.info import training_flops
+def flops_per_sample(pl_module, batch: dict[str, Any]) -> dict[str, int]:
+    """Training FLOPs of one sample of ``batch``'s shape, counted on meta-device models (no weight
+    file is read): ``model`` (no recompute) and ``hardware`` (with activation recompute)."""
+    from xdyna.models.info import training_flops_pair
 
     _, frames, _, height, width = batch["video"].shape
-    # Count the model's math, not activation recomputation. On meta, no weight file is read.
-    model = build_model(replace(pl_module.model_config, gradient_checkpointing=False), device="meta")
-    model.set_trainable(pl_module.trainable_components)
-    return int(training_flops(model, pl_module.conditions, frames, height, width)["training"])
+    return training_flops_pair(pl_module.model_config, pl_module.trainable_components, pl_module.conditions,
+                               frames, height, width)
 
 
 def logged_step(trainer) -> int:
@@ -71,7 +70,7 @@ def mfu(flops_per_sample_: float, samples_per_s: float, peak_tflops: float, worl
 class TrainingTelemetry(L.Callback):
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = float(peak_tflops) if peak_tflops else None
-        self.flops_per_sample: int | None = None
+        self.flops_per_sample: dict[str, int] | None = None
         self._interval_start: float | None = None
         self._wait_s = 0.0
         self._samples = 0
@@ -124,8 +123,9 @@ class TrainingTelemetry(L.Callback):
             if self._grad_norm is not None:
                 metrics["perf/grad_norm"] = self._grad_norm
             if self.flops_per_sample and self.peak_tflops:
-                metrics["perf/mfu"] = mfu(self.flops_per_sample, metrics["perf/samples_per_s"], self.peak_tflops,
-                                          trainer.world_size)
+                for key, kind in (("perf/mfu", "model"), ("perf/hfu", "hardware")):
+                    metrics[key] = mfu(self.flops_per_sample[kind], metrics["perf/samples_per_s"], self.peak_tflops,
+                                       trainer.world_size)
             loader = getattr(trainer.datamodule, "loader", None) if trainer.datamodule is not None else None
             if loader is not None and hasattr(loader, "stats"):
                 metrics.update({f"data/{k}": float(v) for k, v in loader.stats().items()})
