@@ -44,7 +44,7 @@ def test_export_run_files_follow_the_umask(tmp_path, tiny_model, umask):
     torch.save({"state_dict": state, "hyper_parameters": {"model": {"flavour": "tiny"}, "stage": {}}, "global_step": 1}, checkpoint)
     export = export_run(tmp_path / "run", checkpoint, model=tiny_model)
     found = modes(export)
-    assert set(found) == {f"{c}.safetensors" for c in COMPONENTS} | {"export.json"}
+    assert set(found) == {f"{c}.safetensors" for c in COMPONENTS} | {"export.json", "provenance.json"}
     assert set(found.values()) == {0o666 & ~umask}, found
 
 

@@ -205,9 +205,11 @@ class ProvenanceCheckpoint(L.Callback):
 
         if not trainer.is_global_zero:
             return
+        # Collected here, not at the first save: a save is collective, and the other ranks would
+        # wait at its barrier while rank 0 hashes the pretrained weights.
+        record = self.record(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                record = self.record(trainer)
                 logger.experiment.config.update({provenance.CHECKPOINT_KEY: provenance.compact(record)},
                                                 allow_val_change=True)
                 logger.experiment.summary.update({
