@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from xdyna import provenance
 from xdyna.train import checkpointing, elastic
 from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, collect_rng_states
 from xdyna.train.rank_rng import rank_generator, rank_seed
@@ -265,6 +266,9 @@ def test_zero2_one_rank_onto_two(zero2_runs):
     rng = model_states_file(final)["callbacks"]["RandomStateCheckpoint"]
     assert rng["generation"] == 2 and len(rng["ranks"]) == 2
     assert not torch.equal(rng["ranks"][0]["objective"], rng["ranks"][1]["objective"])
+    # The provenance beside the shards carries the whole chain: one link per resume (xdyna.provenance).
+    chain = provenance.read(final)["resume_chain"]
+    assert [(link["from_world_size"], link["world_size"], link["step"]) for link in chain] == [(2, 1, 1), (1, 2, 2)]
 
 
 @pytest.mark.slow
