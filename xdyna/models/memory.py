@@ -25,7 +25,6 @@ and the caching allocator's block splitting. Optimizer states come from the ZeRO
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 import weakref
 from dataclasses import replace
