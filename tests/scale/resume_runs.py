@@ -27,7 +27,7 @@ RUN_TIMEOUT_S = 1800
 CASES = {
     # The GPU default with loader workers, as real runs have them: resume must restore every
     # worker's position (byte offsets, pending buckets, generators), not only the main process's.
-    "zero2-2workers": ("deepspeed_cpu_zero2", ["data.num_workers=2"]),
+    "zero2-2workers": ("deepspeed_cpu_zero2", ["data.num_workers=2", "stage.ema.decay=0.5"]),  # + an EMA, checked in test_resume
     "zero3": ("deepspeed_cpu_zero3", []),
     # process_group_backend=null: Lightning picks gloo on CPU.
     "ddp": ("ddp", []),

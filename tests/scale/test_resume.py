@@ -61,6 +61,36 @@ def test_resumed_run_ends_like_never_stopped_run(runs, case):
 
 
 @pytest.mark.slow
+def test_zero2_ema_is_the_recurrence_resumes_exactly_and_is_exported(runs):
+    """The zero2 case keeps an EMA (stage.ema.decay in resume_runs.CASES): rank 0 saves it whole,
+    it follows the recurrence of the consolidated weights, survives the resume, and the resumed
+    run's export holds it beside the raw weights."""
+    from safetensors.torch import load_file
+
+    case = "zero2-2workers"
+    first = read_checkpoint(runs.straight(case) / checkpointing.checkpoint_name(RESUME_STEP))
+    final = checkpointing.checkpoint_name(MAX_STEPS)
+    weights, meta = read_checkpoint(runs.straight(case) / final)
+    ema, resumed_ema = meta["ema"], read_checkpoint(runs.resumed(case) / final)[1]["ema"]
+    decay = ema["config"]["decay"]
+    assert ema["updates"] == MAX_STEPS and ema["config"]["start_step"] == 0
+    # The first update copied step 1's weights, the second is one step of the recurrence.
+    # (DeepSpeed's consolidation also returns buffers; the EMA holds the trainable weights only.)
+    expected = {name: decay * first[0][name] + (1 - decay) * weights[name] for name in ema["weights"]}
+    assert max_weight_difference(expected, ema["weights"]) <= WEIGHT_ATOL
+    raw = {name: weights[name] for name in ema["weights"]}
+    assert max_weight_difference(raw, ema["weights"]) > 100 * WEIGHT_ATOL  # not the raw weights
+    assert max_weight_difference(ema["weights"], resumed_ema["weights"]) <= WEIGHT_ATOL
+    export_dir = runs.resumed(case).parent / "export"
+    manifest = json.loads((export_dir / "export.json").read_text())
+    assert manifest["default_weights"] == "ema" and sorted(manifest["weights"]["ema"]) == manifest["components"]
+    exported = {}
+    for file in manifest["weights"]["ema"].values():
+        exported |= {f"model.{name}": tensor for name, tensor in load_file(export_dir / file).items()}
+    assert max_weight_difference(resumed_ema["weights"], exported) == 0
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict but not in the checkpoint")
 def test_zero2_shards_samples_export_and_stage2_start_from_it(runs, shards):
     case = "zero2-2workers"
