@@ -165,9 +165,8 @@ def data_provenance(data: Mapping[str, Any]) -> dict[str, Any]:
     seen: dict[str, int | None] = {}
     for urls in sets:
         for url in urls:
-            if url not in seen:
-                local = os.path.abspath(url) if os.path.isfile(url) else None
-                seen[local or url] = os.path.getsize(local) if local else None
+            local = os.path.abspath(url) if os.path.isfile(url) else None
+            seen.setdefault(local or url, os.path.getsize(local) if local else None)
     indexes = {}
     for source in config.data_sources():
         for item in _spec_items(source.shards):
