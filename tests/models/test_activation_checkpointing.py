@@ -21,18 +21,32 @@ from xdyna.models.memory import LiveTensorMemory
 STAGE1 = ("dynamics_adapter", "motion_modules", "pose_controlnet")
 
 
-def _step(model, policy):
-    """Loss, gradients of the trainable parameters, and bytes saved for backward (live tensors
-    after the forward, counted by the same tracker the predictor uses)."""
+def _step(model, policy, tracked: bool = False):
+    """Loss, gradients of the trainable parameters, and bytes the forward leaves for backward:
+    the sizes of the tensors autograd saves (its saved-tensor hooks; a checkpointed block saves
+    its inputs only), or with ``tracked`` the live tensors after the forward, counted by the
+    tracker the predictor uses (slow: it sees every op)."""
     if policy is not None:
         apply_activation_checkpointing(model, policy)
     params = model.set_trainable(STAGE1)
     model.train()
     noisy, reference, timesteps, pose, face = latent_inputs()
-    tracker = LiveTensorMemory(1, existing=[*model.parameters(), *model.buffers()])
-    with tracker:
-        loss = model.denoise(noisy, timesteps, reference, pose, face).square().mean()
-        saved = tracker.current
+    saved_bytes = [0]
+
+    def pack(tensor):
+        saved_bytes[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    if tracked:
+        tracker = LiveTensorMemory(1, existing=[*model.parameters(), *model.buffers()])
+        with tracker:
+            loss = model.denoise(noisy, timesteps, reference, pose, face).square().mean()
+            saved = tracker.current
+            loss.backward()
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model.denoise(noisy, timesteps, reference, pose, face).square().mean()
+        saved = saved_bytes[0]
         loss.backward()
     return loss.detach(), [p.grad.clone() for p in params], saved
 
@@ -53,6 +67,14 @@ def test_each_kind_keeps_loss_and_gradients_and_saves_less():
         for a, b in zip(checked_grads, grads):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
         assert checked_saved < saved, (policy, checked_saved, saved)
+
+
+def test_predictor_tracker_sees_less_live_memory_when_everything_is_checkpointed():
+    base = tiny_model(resnet_groupnorm="across_frames")
+    perturb(base)
+    _, _, live = _step(copy.deepcopy(base), None, tracked=True)
+    _, _, checked_live = _step(copy.deepcopy(base), "all", tracked=True)
+    assert checked_live < live, (checked_live, live)
 
 
 def test_policy_wraps_the_named_kinds_only_and_survives_deepcopy():
