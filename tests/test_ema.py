@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xdyna.errors import ConfigError
-from xdyna.train.ema import EMACallback, EMAConfig, ema_bytes_per_rank
+from xdyna.train.ema import EMACallback, EMAConfig, ema_bytes_per_rank, sampling_weights
 
 DECAY = 0.75
 
@@ -102,13 +102,18 @@ def test_resumed_run_ends_with_the_ema_of_a_run_never_stopped(tmp_path):
 
 def test_applied_swaps_the_ema_in_and_restores_the_raw_weights():
     ema = EMACallback(EMAConfig(decay=DECAY))
-    _, module = fit(3, [ema])
+    trainer, module = fit(3, [ema])
     raw = module.head.weight.detach().clone()
     with ema.applied(module) as swapped:
         assert swapped
         torch.testing.assert_close(module.head.weight.detach(), ema.ema["head.weight"])
         assert not torch.equal(module.head.weight.detach(), raw)
     assert torch.equal(module.head.weight.detach(), raw)
+    # Sample videos: the EMA unless samples.weights=raw.
+    with sampling_weights(trainer, module, "ema") as swapped:
+        assert swapped and torch.equal(module.head.weight.detach(), ema.ema["head.weight"])
+    with sampling_weights(trainer, module, "raw") as swapped:
+        assert not swapped and torch.equal(module.head.weight.detach(), raw)
 
 
 @pytest.mark.parametrize("mapping, culprit", [
@@ -118,6 +123,24 @@ def test_applied_swaps_the_ema_in_and_restores_the_raw_weights():
 def test_bad_ema_config_names_the_key(mapping, culprit):
     with pytest.raises(ConfigError, match=culprit):
         EMAConfig.from_mapping(mapping)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("stage.ema.decay=1.5", "stage.ema.decay=1.5"), ("stage.ema.every_n_steps=0", "stage.ema.every_n_steps=0"),
+    ("samples.weights=best", "samples.weights='best'"),
+])
+def test_bad_ema_settings_are_refused_before_a_model_is_built(override, culprit):
+    from hydra import compose, initialize_config_dir
+
+    from xdyna.train import config_rules
+    from xdyna.train.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        good = compose(config_name="train", overrides=["stage.ema.decay=0.999"])
+        bad = compose(config_name="train", overrides=[override])
+    assert config_rules.violations(good, config_rules.CONFIG_RULES) == []
+    (line,) = config_rules.violations(bad, [config_rules.ema_is_valid])
+    assert line.startswith(culprit), line
 
 
 def test_bytes_per_rank():

@@ -167,7 +167,20 @@ def schedule_is_valid(cfg: DictConfig) -> list[str]:
     return []
 
 
-CONFIG_RULES: list[Rule] = [shards_given, face_landmarks_switch_is_one, schedule_is_valid]
+def ema_is_valid(cfg: DictConfig) -> list[str]:
+    """``stage.ema`` and ``samples.weights`` (xdyna/train/ema.py), checked before a model is built."""
+    from .ema_config import EMAConfig, check_sample_weights
+
+    ema = _select(cfg, "stage.ema")
+    try:
+        EMAConfig.from_mapping(OmegaConf.to_container(ema, resolve=True) if ema is not None else None)
+        check_sample_weights(_select(cfg, "samples.weights", "ema"))
+    except ConfigError as error:
+        return [str(error)]
+    return []
+
+
+CONFIG_RULES: list[Rule] = [shards_given, face_landmarks_switch_is_one, schedule_is_valid, ema_is_valid]
 LAUNCH_RULES: list[Rule] = [gpu_launcher_runs_a_gpu_job, job_has_no_unset_values]
 ENVIRONMENT_RULES: list[Rule] = [accelerator_is_available, scene_clips_exist]
 

@@ -29,8 +29,6 @@ exactly and ``xdyna-export`` writes it as ``<component>.ema.safetensors``.
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping
 
 import lightning as L
@@ -41,53 +39,9 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..checkpoint_io import EMA_CHECKPOINT_KEY as CHECKPOINT_KEY
 from ..errors import ConfigError
+from .ema_config import FP32_BYTES, EMAConfig, check_sample_weights, ema_bytes_per_rank
 
-FP32_BYTES = 4
-
-
-@dataclass(frozen=True)
-class EMAConfig:
-    """``decay=None`` switches the EMA off (the default)."""
-
-    decay: float | None = None
-    start_step: int = 0
-    every_n_steps: int = 1
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "EMAConfig":
-        mapping = dict(mapping or {})
-        unknown = sorted(set(mapping) - {"decay", "start_step", "every_n_steps"})
-        if unknown:
-            raise ConfigError(f"ema: unknown key(s) {unknown}; known: decay, start_step, every_n_steps")
-        config = cls(**mapping)
-        if config.decay is not None and not (0.0 <= float(config.decay) < 1.0):
-            raise ConfigError(f"ema.decay={config.decay}: must be in [0, 1) (null switches the EMA off)")
-        if int(config.start_step) < 0:
-            raise ConfigError(f"ema.start_step={config.start_step}: must be >= 0")
-        if int(config.every_n_steps) < 1:
-            raise ConfigError(f"ema.every_n_steps={config.every_n_steps}: must be >= 1")
-        return config
-
-    @property
-    def enabled(self) -> bool:
-        return self.decay is not None
-
-    def due(self, step: int) -> bool:
-        """Whether the EMA is updated after optimizer step ``step`` (1-based)."""
-        return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def ema_bytes_per_rank(trainable_numel: int, world_size: int = 1, zero_stage: int | None = None) -> int:
-    """Bytes of EMA state one rank holds: fp32 of every trainable element, or under ZeRO-3 of its
-    partition (each parameter's partition is rounded up to whole elements per rank, so this is the
-    upper bound of the per-parameter padding summed as one)."""
-    if zero_stage == 3 and world_size > 1:
-        return FP32_BYTES * math.ceil(trainable_numel / world_size)
-    return FP32_BYTES * trainable_numel
-
+__all__ = ["CHECKPOINT_KEY", "EMACallback", "EMAConfig", "ema_bytes_per_rank", "sampling_weights"]
 
 def _is_partitioned(param: torch.nn.Parameter) -> bool:
     """A ZeRO-3 parameter: its values live in ``ds_tensor``, one partition per rank."""
@@ -258,8 +212,7 @@ def sampling_weights(trainer, pl_module, which: str = "ema"):
     """Context in which ``pl_module`` samples with ``which`` weights: ``"ema"`` swaps in the
     trainer's EMA when it keeps one that has started (else the raw weights are used); ``"raw"``
     changes nothing."""
-    if which not in ("ema", "raw"):
-        raise ConfigError(f"samples.weights={which!r}: expected ema or raw")
+    check_sample_weights(which)
     callback = next((c for c in trainer.callbacks if isinstance(c, EMACallback)), None)
     if which == "raw" or callback is None:
         return contextlib.nullcontext(False)
