@@ -119,6 +119,7 @@ def test_applied_swaps_the_ema_in_and_restores_the_raw_weights():
 @pytest.mark.parametrize("mapping, culprit", [
     ({"decay": 1.0}, "ema.decay"), ({"decay": 0.9, "start_step": -1}, "ema.start_step"),
     ({"decay": 0.9, "every_n_steps": 0}, "ema.every_n_steps"), ({"decay": 0.9, "every": 2}, "every"),
+    ({"decay": "high"}, "ema.decay"), ({"decay": 0.9, "start_step": 1.5}, "ema.start_step"),
 ])
 def test_bad_ema_config_names_the_key(mapping, culprit):
     with pytest.raises(ConfigError, match=culprit):

@@ -43,6 +43,7 @@ from .ema_config import FP32_BYTES, EMAConfig, check_sample_weights, ema_bytes_p
 
 __all__ = ["CHECKPOINT_KEY", "EMACallback", "EMAConfig", "ema_bytes_per_rank", "sampling_weights"]
 
+
 def _is_partitioned(param: torch.nn.Parameter) -> bool:
     """A ZeRO-3 parameter: its values live in ``ds_tensor``, one partition per rank."""
     return hasattr(param, "ds_tensor") and hasattr(param, "ds_numel")

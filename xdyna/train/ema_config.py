@@ -30,12 +30,13 @@ class EMAConfig:
         if unknown:
             raise ConfigError(f"{key}: unknown key(s) {unknown}; known: decay, start_step, every_n_steps")
         config = cls(**mapping)
-        if config.decay is not None and not (0.0 <= float(config.decay) < 1.0):
-            raise ConfigError(f"{key}.decay={config.decay}: must be in [0, 1) (null switches the EMA off)")
-        if int(config.start_step) < 0:
-            raise ConfigError(f"{key}.start_step={config.start_step}: must be >= 0")
-        if int(config.every_n_steps) < 1:
-            raise ConfigError(f"{key}.every_n_steps={config.every_n_steps}: must be >= 1")
+        decay, start, every = config.decay, config.start_step, config.every_n_steps
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0):
+            raise ConfigError(f"{key}.decay={decay!r}: must be a number in [0, 1) (null switches the EMA off)")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ConfigError(f"{key}.start_step={start!r}: must be an integer >= 0")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"{key}.every_n_steps={every!r}: must be an integer >= 1")
         return config
 
     @property
@@ -52,8 +53,8 @@ class EMAConfig:
 
 def ema_bytes_per_rank(trainable_numel: int, world_size: int = 1, zero_stage: int | None = None) -> int:
     """Bytes of EMA state one rank holds: fp32 of every trainable element, or under ZeRO-3 of its
-    partition (each parameter's partition is rounded up to whole elements per rank, so this is the
-    upper bound of the per-parameter padding summed as one)."""
+    share of them (DeepSpeed pads each parameter to a whole share per rank: at most one element
+    per parameter more)."""
     if zero_stage == 3 and world_size > 1:
         return FP32_BYTES * math.ceil(trainable_numel / world_size)
     return FP32_BYTES * trainable_numel
