@@ -71,6 +71,9 @@ def _partition_of(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor
 def _gather_whole(local: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     """The whole tensor from every rank's partition (a collective: all ranks call it)."""
     group = _partition_group(param)
+    # NCCL moves CUDA tensors only; with ZeRO-3 parameter offload the partitions live on the CPU.
+    if dist.get_backend(group) == "nccl" and local.device.type != "cuda":
+        return _gather_whole(local.cuda(), param).to(local.device)
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts)[:param.ds_numel].reshape(param.ds_shape)
