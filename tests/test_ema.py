@@ -145,6 +145,11 @@ def test_bad_ema_settings_are_refused_before_a_model_is_built(override, culprit)
 
 
 def test_bytes_per_rank():
+    from xdyna.models.info import model_state_memory
+
+    # xdyna-info reports them beside the model states.
+    report = model_state_memory(trainable=1000, frozen=5000, world_size=4)["ema_if_enabled"]
+    assert {name: entry["bytes"] for name, entry in report.items()} == {"ddp": 4000, "zero2": 4000, "zero3": 1000}
     assert ema_bytes_per_rank(1000) == 4000
     assert ema_bytes_per_rank(1000, world_size=4, zero_stage=2) == 4000  # ZeRO-2: parameters replicated
     assert ema_bytes_per_rank(1000, world_size=4, zero_stage=3) == 1000  # ZeRO-3: each rank its partition

@@ -60,6 +60,12 @@ def model_state_memory(trainable: int, frozen: int, world_size: int, precision: 
                            "bytes_per_parameter": {"ddp": ddp, "zero": zero}}
     for name, total in layouts.items():
         out[name] = {"bytes": int(total), "GiB": round(total / GIB, 3)}
+    # An EMA of the trainable weights (stage.ema.decay set; xdyna/train/ema.py) adds fp32 per
+    # trainable weight: a full copy on each rank under DDP and ZeRO-2, each rank its share under ZeRO-3.
+    from ..train.ema_config import ema_bytes_per_rank  # no Lightning there
+
+    ema = {name: ema_bytes_per_rank(trainable, world_size, zero_stage) for name, zero_stage in (("ddp", None), ("zero2", 2), ("zero3", 3))}
+    out["ema_if_enabled"] = {name: {"bytes": total, "GiB": round(total / GIB, 3)} for name, total in ema.items()}
     out["note"] = "model states only: add activations (use gradient checkpointing at 16 frames of 896x512) and framework buffers"
     return out
 
