@@ -5,6 +5,8 @@ PIP     := $(PYTHON) -m pip
 # torch is pinned exactly and installed first: these builds lie on the machine's disk, and an
 # unpinned torch would pull a newer multi-GB CUDA build from the registry.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
+# pytest-xdist workers of `make test` (the tests that share a session fixture stay on one).
+TEST_WORKERS ?= 2
 STAMP   := $(VENV)/.xdyna-installed
 DEMO    ?= demo_data
 PYTEST_ARGS ?=
@@ -38,7 +40,7 @@ demo: install $(DEMO)/shards/.synth-done
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass, so it fails here.
 test: install
-	@$(PYTHON) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean-demo:

@@ -13,6 +13,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "xdyna_examples"
+# `make test` runs on two pytest-xdist workers (-n 2 --dist loadgroup). The tests that share an
+# expensive session fixture go to one worker together, so that it is built once: the real local
+# SLURM cluster, and the tiny 2-rank runs of tests/scale/resume_runs.py.
+SHARED_SESSION_FIXTURES = {"slurm_cluster": "slurm", "runs": "shared_runs"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into node-id suffixes
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in SHARED_SESSION_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
