@@ -15,16 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "xdyna_examples"
 # `make test` runs on two pytest-xdist workers (-n 2 --dist loadgroup). The tests that share an
 # expensive session fixture go to one worker together, so that it is built once: the real local
-# SLURM cluster, and the tiny 2-rank runs of tests/scale/resume_runs.py.
-SHARED_SESSION_FIXTURES = {"slurm_cluster": "slurm", "runs": "shared_runs"}
+# SLURM cluster here; the tiny 2-rank runs of tests/scale/resume_runs.py are grouped per case by
+# their tests' own marks (resume_runs.reads_runs), which this hook requires.
+SHARED_SESSION_FIXTURES = {"slurm_cluster": "slurm"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into node-id suffixes
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        fixtures = getattr(item, "fixturenames", ())
         for fixture, group in SHARED_SESSION_FIXTURES.items():
-            if fixture in getattr(item, "fixturenames", ()):
+            if fixture in fixtures:
                 item.add_marker(pytest.mark.xdist_group(group))
+        if "runs" in fixtures and item.get_closest_marker("xdist_group") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the shared runs without @reads_runs(<cases>) "
+                                    "(tests/scale/resume_runs.py): its runs would be trained again on another worker")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from xdyna.train import checkpointing
 
 from .tiny_run import BIN, clean_env, tiny_overrides
@@ -72,3 +74,18 @@ class Runs:
 
     def resumed(self, case: str) -> Path:
         return self._run("resumed", case)
+
+
+# The pytest-xdist group of each case's runs (make test: -n 2 --dist loadgroup). Runs are trained
+# lazily per case, so tests of different groups may run on different workers without training a
+# case twice, as long as every test reading a case is in that case's group. test_zero3_export
+# compares ZeRO-3 with DDP, so those two share a group.
+RUN_GROUPS = {"zero2-2workers": "runs_zero2", "zero3": "runs_zero3_ddp", "ddp": "runs_zero3_ddp"}
+
+
+def reads_runs(*cases: str):
+    """Mark a test that reads the shared runs of ``cases`` (one group; tests/conftest.py refuses a
+    test that uses the ``runs`` fixture without this mark)."""
+    (group,) = {RUN_GROUPS[case] for case in cases}
+    return pytest.mark.xdist_group(group)
+

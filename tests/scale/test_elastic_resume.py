@@ -35,7 +35,7 @@ from xdyna.train import checkpointing, elastic
 from xdyna.train.checkpoint_callbacks import RandomStateCheckpoint, collect_rng_states
 from xdyna.train.rank_rng import rank_generator, rank_seed
 
-from .resume_runs import CASES
+from .resume_runs import CASES, reads_runs
 from .tiny_run import BIN, clean_env, tiny_overrides
 
 # Only a guard against a hung run: a loaded 2-core machine can take many minutes per run.
@@ -233,6 +233,7 @@ def assert_adamw_step_from(before: Path, after: Path) -> None:
 
 
 @pytest.mark.slow
+@reads_runs(ZERO2_CASE)
 def test_zero2_two_ranks_onto_one(zero2_runs):
     checkpoints, stdout = zero2_runs.two_to_one()
     source = checkpoints / checkpointing.checkpoint_name(1)
@@ -253,6 +254,7 @@ def test_zero2_two_ranks_onto_one(zero2_runs):
 
 
 @pytest.mark.slow
+@reads_runs(ZERO2_CASE)
 def test_zero2_one_rank_onto_two(zero2_runs):
     checkpoints, stdout = zero2_runs.one_to_two()
     source = checkpoints / checkpointing.checkpoint_name(2)
@@ -272,6 +274,7 @@ def test_zero2_one_rank_onto_two(zero2_runs):
 
 
 @pytest.mark.slow
+@reads_runs("zero3")
 def test_zero3_conversion_carries_the_optimizer_state(tmp_path, runs):
     """ZeRO-3 at the conversion level only (the shared 2-rank ZeRO-3 run's first checkpoint,
     copied): the engine's universal load is the same DeepSpeed code path as ZeRO-2's above,

@@ -22,7 +22,7 @@ from xdyna.checkpoint_io import load_components, read_checkpoint
 from xdyna.train.export import build_model_from_hparams
 from xdyna.train.module import XDynaTrainingModule
 
-from .resume_runs import CASES, CROSS_STRATEGY_ATOL, MAX_STEPS, RESUME_STEP, RUN_TIMEOUT_S
+from .resume_runs import CASES, CROSS_STRATEGY_ATOL, MAX_STEPS, RESUME_STEP, RUN_TIMEOUT_S, reads_runs
 from .tiny_run import BIN, WEIGHT_ATOL, clean_env, max_weight_difference, tiny_overrides
 
 def loader_positions(meta: dict) -> dict:
@@ -35,7 +35,7 @@ def loader_positions(meta: dict) -> dict:
 @pytest.mark.slow
 # Checkpoints hold trainable weights only by design; Lightning warns about the frozen rest.
 @pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict but not in the checkpoint")
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=reads_runs(case)) for case in CASES])
 def test_resumed_run_ends_like_never_stopped_run(runs, case):
     final = checkpointing.checkpoint_name(MAX_STEPS)
     expected, meta = read_checkpoint(runs.straight(case) / final)
@@ -61,6 +61,7 @@ def test_resumed_run_ends_like_never_stopped_run(runs, case):
 
 
 @pytest.mark.slow
+@reads_runs("zero2-2workers")
 def test_zero2_ema_is_the_recurrence_resumes_exactly_and_is_exported(runs):
     """The zero2 case keeps an EMA (stage.ema.decay in resume_runs.CASES): rank 0 saves it whole,
     it follows the recurrence of the consolidated weights, survives the resume, and the resumed
@@ -92,6 +93,7 @@ def test_zero2_ema_is_the_recurrence_resumes_exactly_and_is_exported(runs):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Found keys that are in the model state dict but not in the checkpoint")
+@reads_runs("zero2-2workers")
 def test_zero2_shards_samples_export_and_stage2_start_from_it(runs, shards):
     case = "zero2-2workers"
     straight, resumed = runs.straight(case), runs.resumed(case)
@@ -138,6 +140,7 @@ def test_zero2_shards_samples_export_and_stage2_start_from_it(runs, shards):
 
 
 @pytest.mark.slow
+@reads_runs("zero3", "ddp")
 def test_zero3_export_holds_the_trained_weights(runs, tmp_path, capsys):
     """ZeRO-3 shards every trainable parameter across the ranks; an export gathers them. It must
     hold exactly what DeepSpeed's own reader gathers from the shards, and those must be the
