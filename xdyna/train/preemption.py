@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 
 def requeue_slurm_job(job_id: str) -> bool:
     done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    # An accepted requeue cancels the job's running step at once, and with it every process of the
+    # step: scontrol, a child of rank 0, can get the step's SIGTERM before it exits (seen on the
+    # local test cluster under load: "failed (-15)" and the job restarted). A refused requeue
+    # exits 1 with SLURM's message and cancels nothing.
+    if done.returncode == -signal.SIGTERM:
+        return True
     if done.returncode != 0:
         log.error("scontrol requeue %s failed (%d): %s", job_id, done.returncode, done.stderr.strip())
         return False
