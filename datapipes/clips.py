@@ -51,6 +51,9 @@ class ClipSpec:
     # Whether this clip's source provides the face condition (data.sources.<name>.conditions):
     # False leaves face.json unread, so its face maps are blank and no landmarks are drawn.
     face_tracks: bool = True
+    # Cached VAE latents (datapipes/latents.py) instead of the clip's pixels: the clip's and the
+    # reference frame's posterior mean/std, plus the reference pixels (image prompt, previews).
+    latents: bool = False
 
     @property
     def span(self) -> int:
@@ -225,13 +228,23 @@ def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
     key = raw.key
     documents = check_sample(key, raw.members, spec)
     meta = documents.meta
+    if spec.latents:
+        from datapipes import latents as cached
+
+        try:
+            cached_array, cached_meta = cached.from_members(key, raw.members, meta["num_frames"])
+        except cached.LatentsError as error:
+            raise BadSample(key, str(error)) from None
     try:
         video = open_video(raw.members[shards.VIDEO], key, spec.decode_threads)
         count = len(video)
         check_video_facts(key, meta, count)
         clip = sample_clip_indices(count, spec.num_frames, spec.frame_stride, rng)
         reference_index = sample_reference_index(count, clip, spec.reference, rng)
-        wanted = np.unique(np.append(clip, reference_index))
+        # From latents only the reference frame is decoded, and the clip's frames when the
+        # S-Face maps are made from them.
+        wanted = np.unique(np.append(clip, reference_index) if not spec.latents or spec.with_face
+                           else [reference_index])
         decoded = read_frames(video, wanted, key, raw.members[shards.VIDEO])
     except VideoDecodeError as error:
         raise BadSample(key, str(error)) from None
@@ -242,16 +255,27 @@ def load_clip(raw: shards.RawSample, spec: ClipSpec, rng: np.random.Generator,
     geometry = ResizeCrop.plan(source, spec.buckets[bucket], spec.crop, rng)
     # Samples travel from workers as uint8 (4x less inter-process traffic than float32);
     # to_batch_contract() scales them in the main process.
-    video_frames = geometry.frames(_rows(decoded, [position[int(i)] for i in clip]))
+    video_frames = (geometry.frames(_rows(decoded, [position[int(i)] for i in clip]))
+                    if not spec.latents or spec.with_face else None)
     reference_row = position[reference_index]
     sample = {
-        "video": video_frames,
         "reference": geometry.frames(decoded[reference_row:reference_row + 1])[0],
         "frame_index": torch.from_numpy(clip.astype(np.int64)),
         "reference_index": torch.tensor(reference_index, dtype=torch.int64),
         "is_scene": meta["kind"] == "scene",
         "__key__": key,
     }
+    if spec.latents:
+        if [cached_meta.get("height"), cached_meta.get("width")] != list(geometry.target) or \
+                cached_meta.get("crop") != spec.crop:
+            raise BadSample(key, f"latents cached at {cached_meta.get('height')}x{cached_meta.get('width')} "
+                                 f"({cached_meta.get('crop')} crop), the clip is {geometry.target[0]}x"
+                                 f"{geometry.target[1]} ({spec.crop} crop)")
+        # (frames, 2, C, h, w) and (2, C, h, w): [.., 0] the posterior mean, [.., 1] its std
+        sample["video_latents"] = torch.from_numpy(np.ascontiguousarray(cached_array[:, clip].swapaxes(0, 1)))
+        sample["reference_latents"] = torch.from_numpy(np.ascontiguousarray(cached_array[:, reference_index]))
+    else:
+        sample["video"] = video_frames
     height, width = spec.buckets[bucket]
     if documents.pose is None:  # scene clip: blank conditions
         sample["pose"] = torch.zeros(spec.num_frames, 3, height, width, dtype=torch.uint8)

@@ -83,6 +83,8 @@ def build_index(out_dir: str) -> dict:
         raise ValueError(f"{out_dir!r}: keys packed by more than one part: {duplicates[:10]}")
     index = summarise(clips, quarantine, curation, [name for record in records for name in record["shards"]],
                       fingerprint=plan["fingerprint"], parts=plan["parts"], inputs=plan["inputs"],
+                      # an encoded shard set (datapipes.latents): what its latents fixed (resolution, crop, VAE)
+                      **({"latents": plan["latents"]} if "latents" in plan else {}),
                       timings={"total_s": sum(r["timings"]["total_s"] for r in records),
                                "per_part_s": [r["timings"]["total_s"] for r in records]})
     write_bytes_atomic(os.path.join(out_dir, INDEX), json.dumps(index, indent=1, allow_nan=False).encode())
@@ -147,19 +149,8 @@ def retune(index_path: str, out_dir: str, min_motion: float | None = None, max_p
         raise FileExistsError(f"{out_dir!r} is not empty; retune writes a new dataset into an empty folder")
     os.makedirs(out_dir, exist_ok=True)
     sink = _PublishingSink(out_dir, prefix, shard_size, float("inf"))
-    reader = shards.TarSampleReader(urls)
-    finished = False
-    try:
-        for number in range(len(urls)):
-            for sample in reader.iter_shard(number):
-                if sample.key not in dropped:
-                    sink.write({"__key__": sample.key, **sample.members})
-        sink.close()
-        finished = True
-    finally:
-        reader.close()
-        if not finished:
-            sink.abort()
+    rewrite_samples(urls, sink, lambda sample: None if sample.key in dropped
+                    else {"__key__": sample.key, **sample.members})
     clips = clip_records(sink.urls)
     for clip in clips:
         clip["shard"] = os.path.basename(clip["shard"])
@@ -168,6 +159,28 @@ def retune(index_path: str, out_dir: str, min_motion: float | None = None, max_p
                       thresholds={"min_motion": min_motion, "max_people": max_people})
     write_bytes_atomic(os.path.join(out_dir, INDEX), json.dumps(index, indent=1, allow_nan=False).encode())
     return index
+
+
+def rewrite_samples(urls: list[str], sink, transform, after_shard=None) -> None:
+    """Every sample of ``urls`` through ``transform`` (a sample dict to write, or ``None`` to leave
+    it out) into ``sink`` (a ``datapipes.pack._PublishingSink``), closed at the end; on any error
+    its unfinished shard is removed. ``after_shard(number)`` follows each source shard."""
+    reader = shards.TarSampleReader(urls)
+    finished = False
+    try:
+        for number in range(len(urls)):
+            for sample in reader.iter_shard(number):
+                written = transform(sample)
+                if written is not None:
+                    sink.write(written)
+            if after_shard is not None:
+                after_shard(number)
+        sink.close()
+        finished = True
+    finally:
+        reader.close()
+        if not finished:
+            sink.abort()
 
 
 def shards_of_index(path: str) -> list[str]:

@@ -108,11 +108,16 @@ class ClipLoaderConfig:
     # (video/reference x/127.5-1, pose/face x/255; datapipes.clips.to_batch_contract or
     # xdyna.train.batches.to_float_batch): 4x less host memory traffic per batch.
     output_dtype: str = "float32"
+    # Batches carry the cached VAE latents of `xdyna-data encode` shards (video_latents,
+    # reference_latents: posterior mean and std) instead of the clip's pixels; the crop and
+    # resolution must be the cached ones (docs/data.md, "Cached latents").
+    latents: bool = False
 
     def clip_spec(self) -> ClipSpec:
         buckets = tuple(tuple(int(v) for v in b) for b in (self.buckets or [[self.height, self.width]]))
         return ClipSpec(self.num_frames, self.frame_stride, buckets, self.reference, self.crop,
-                        self.with_face, self.pose_from, self.decode_threads, self.face_landmarks_in_pose)
+                        self.with_face, self.pose_from, self.decode_threads, self.face_landmarks_in_pose,
+                        latents=self.latents)
 
     def validate(self) -> None:
         problems = []
@@ -245,6 +250,12 @@ def shard_sets(cfg: ClipLoaderConfig) -> tuple[list[list[str]], list[int]]:
             if other != source.name:
                 raise ValueError(f"invalid data config: sources.{other} and sources.{source.name} both take "
                                  f"the {kind} clips of the same shards: make them one source (weights add)")
+    if cfg.latents:  # one line now, rather than every sample skipped as bad later
+        from datapipes.latents import check_shard_set
+
+        named = {index: source.shards_key for source, index in reversed(list(zip(cfg.data_sources(), of_source)))}
+        for index, key in sorted(named.items()):
+            check_shard_set(sets[index], cfg.clip_spec().buckets, cfg.crop, f"data.{key}")
     return sets, of_source
 
 
@@ -746,6 +757,8 @@ class ClipLoader:
         for added in ("face_reenactor", "face_reenactor_kwargs", "sources"):
             if fields[added] is None:  # keys added later: unset, they keep older checkpoints' fingerprint
                 fields.pop(added)
+        if not fields["latents"]:  # added later too
+            fields.pop("latents")
         if self.cfg.sources is not None:
             fields["source_table"] = [[s.name, s.kind, s.weight, list(s.conditions), shard_set]
                                       for s, shard_set in zip(self.sources, self.source_sets)]
@@ -943,7 +956,7 @@ class ClipLoader:
             meta = batch.pop(_META)
             if board is not None and batch:
                 if meta["buffer"] >= 0:  # every image of a batch lives in that one storage (collate)
-                    board.hold(meta["buffer"], batch["video"].untyped_storage())
+                    board.hold(meta["buffer"], batch["reference"].untyped_storage())  # video is absent from latents
                 else:
                     self.fresh_shm_batches += 1
             self.worker_states[meta["worker"]] = meta["state"]

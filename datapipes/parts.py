@@ -108,8 +108,8 @@ def ensure_plan(out_dir: str, plan: dict) -> None:
         with open(path) as handle:
             old = json.load(handle)
         if old.get("fingerprint") != plan["fingerprint"]:
-            changed = [name for name in ("inputs", "parts", "prefix", "shard_size", "shard_bytes", "options", "curate")
-                       if old.get(name) != plan.get(name)] or ["the inputs' paths, keys or kinds"]
+            changed = [name for name in sorted(set(old) | set(plan)) if name != "fingerprint"  # any plan's fields
+                       and old.get(name) != plan.get(name)] or ["the inputs' paths, keys or kinds"]
             raise ValueError(f"{out_dir!r} holds a pack of another plan ({path}; differs in: {', '.join(changed)}); "
                              f"rerun with the same manifest and options, or choose another directory")
         return
@@ -176,16 +176,11 @@ def run_part(items: list[PackItem], out_dir: str, settings: PartSettings, part: 
     completion record (``skipped: True`` when it was already finished)."""
     items = dedupe_keys(items)
     chosen = part_slice(len(items), settings.parts, part)
-    os.makedirs(out_dir, exist_ok=True)
     plan = make_plan(items, settings)
-    ensure_plan(out_dir, plan)
-    record = read_record(out_dir, part)
-    if record is not None and record.get("fingerprint") == plan["fingerprint"]:
-        return dict(record, skipped=True)
     started = time.monotonic()
-    removed = _remove_leftovers(out_dir, part, settings.prefix)
-    staging = os.path.join(out_dir, STAGING, f"{part_name(part)}.{socket.gethostname()}.{os.getpid()}")
-    os.makedirs(staging)
+    finished, removed, staging = begin_part(out_dir, plan, part)
+    if finished is not None:
+        return finished
     part_items, curation, curate_seconds = [items[i] for i in chosen], [], 0.0
     if settings.curate is not None:
         from datapipes.curate import curate_items
@@ -199,31 +194,51 @@ def run_part(items: list[PackItem], out_dir: str, settings: PartSettings, part: 
                    prefix=f"{settings.prefix}-{part:05d}", progress=progress, log_every=log_every,
                    on_shard=_debug_exit_hook(part)) if part_items else None
     pack_seconds = time.monotonic() - started - curate_seconds
-    from datapipes.index import clip_records
-
-    clips = clip_records(summary.urls) if summary else []
     quarantined = []
     if summary:
         with open(summary.quarantine) as lines:
             quarantined = [json.loads(line) for line in lines if line.strip()]
+    return end_part(out_dir, plan, part, summary.urls if summary else [], staging, {
+        "format": "xdyna-pack-part-v1", "inputs": [chosen.start, chosen.stop],
+        "packed": summary.accepted if summary else 0, "quarantined": quarantined,
+        "warnings": summary.warnings if summary else {}, "curation": curation,
+        "timings": {"curate_s": round(curate_seconds, 3), "pack_s": round(pack_seconds, 3),
+                    "total_s": round(time.monotonic() - started, 3)},
+        "removed_leftovers": removed})
+
+
+def begin_part(out_dir: str, plan: dict, part: int) -> tuple[dict | None, list[str], str]:
+    """Start part ``part`` of ``plan`` (a pack's, or an encode's: datapipes.latents) in ``out_dir``:
+    ``(its record with skipped: True, [], "")`` when it is finished already, else ``(None, the
+    leftovers of a killed attempt it removed, a fresh staging folder)``."""
+    os.makedirs(out_dir, exist_ok=True)
+    ensure_plan(out_dir, plan)
+    record = read_record(out_dir, part)
+    if record is not None and record.get("fingerprint") == plan["fingerprint"]:
+        return dict(record, skipped=True), [], ""
+    removed = _remove_leftovers(out_dir, part, plan["prefix"])
+    staging = os.path.join(out_dir, STAGING, f"{part_name(part)}.{socket.gethostname()}.{os.getpid()}")
+    os.makedirs(staging)
+    return None, removed, staging
+
+
+def end_part(out_dir: str, plan: dict, part: int, urls: list[str], staging: str, facts: dict) -> dict:
+    """Finish a part: its complete shards ``urls`` (in ``staging``) renamed into ``out_dir``, then
+    its record (``facts`` + shards, clips, host, SLURM node and job) written atomically, last."""
+    from datapipes.index import clip_records
+    from xdyna.train.slurm import slurm_job_id  # the one reader of SLURM's job id (stdlib only)
+
+    clips = clip_records(urls)
     shard_names = []
-    for url in summary.urls if summary else []:
+    for url in urls:
         name = os.path.basename(url)
         os.replace(url, os.path.join(out_dir, name))  # same filesystem: atomic, whole shards only
         shard_names.append(name)
     for clip in clips:
         clip["shard"] = os.path.basename(clip["shard"])
-    from xdyna.train.slurm import slurm_job_id  # the one reader of SLURM's job id (stdlib only)
-
-    record = {
-        "format": "xdyna-pack-part-v1", "fingerprint": plan["fingerprint"], "part": part, "parts": settings.parts,
-        "inputs": [chosen.start, chosen.stop], "shards": shard_names,
-        "packed": summary.accepted if summary else 0, "quarantined": quarantined,
-        "warnings": summary.warnings if summary else {}, "clips": clips, "curation": curation,
-        "timings": {"curate_s": round(curate_seconds, 3), "pack_s": round(pack_seconds, 3),
-                    "total_s": round(time.monotonic() - started, 3)},
-        "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME"), "job": slurm_job_id(), "removed_leftovers": removed,
-    }
+    record = {"format": facts.get("format"), "fingerprint": plan["fingerprint"], "part": part, "parts": plan["parts"], "shards": shard_names,
+              "clips": clips, **facts, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME"),
+              "job": slurm_job_id()}
     os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
     write_bytes_atomic(record_path(out_dir, part), json.dumps(record, indent=1, allow_nan=False).encode())
     shutil.rmtree(staging, ignore_errors=True)

@@ -97,6 +97,65 @@ def _pack_parts(args: argparse.Namespace, items, options, curate) -> int:
     return 0
 
 
+def _buckets(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
+    if not args.bucket:
+        return ((args.height, args.width),)
+    buckets = []
+    for text in args.bucket:
+        height, _, width = text.lower().partition("x")
+        if not (height.isdigit() and width.isdigit()) or min(int(height), int(width)) < 8:
+            raise ValueError(f"--bucket {text!r}: want HEIGHTxWIDTH, e.g. 896x512")
+        buckets.append((int(height), int(width)))
+    return tuple(buckets)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    """Cache VAE latents of a packed shard set into a new one (datapipes/latents.py, xdyna/latents.py)."""
+    from datapipes.index import build_index
+    from datapipes.latents import EncodeSettings, encode_part, make_plan
+    from datapipes.parts import finished_parts
+    from datapipes.shards import expand_shard_urls
+
+    urls = expand_shard_urls(args.shards)
+    if os.path.abspath(args.out) in {os.path.dirname(os.path.abspath(url)) for url in urls}:
+        raise ValueError(f"--out {args.out!r} holds the source shards: encode writes a new shard set elsewhere")
+    parts = 1 if args.parts is None else args.parts
+    if args.dry_run and not args.slurm:
+        raise ValueError("--dry-run writes the SLURM script without submitting it: it needs --slurm")
+    from xdyna.latents import load_vae, posterior_encoder
+    from xdyna.models import ModelConfig
+
+    config = ModelConfig.from_mapping({"flavour": args.flavour, "vae_chunk_size": args.vae_chunk_size,
+                                       "pretrained": {"sd15": args.sd15, "vae": args.vae}})
+    vae, described = load_vae(config)  # a missing folder stops here, before anything is written
+    settings = EncodeSettings(parts=parts, buckets=_buckets(args), prefix=args.prefix,
+                              shard_size=args.shard_size, vae=described)
+    plan = make_plan(urls, settings)
+    if args.slurm:
+        from launch.pack_array import submit_parts_array
+
+        return submit_parts_array(args, _job_argv(args._argv), plan, cpus=args.slurm_cpus or 1, command="encode")
+    if args.device == "cuda":  # checked where the parts run (an array task), not where they are submitted
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: no CUDA device here")
+    encoder = posterior_encoder(vae, args.vae_chunk_size, args.device)
+    for part in range(parts) if args.part is None else [args.part]:
+        record = encode_part(urls, args.out, settings, part, encoder, log=lambda line: print(line, file=sys.stderr))
+        state = "already finished, skipped" if record["skipped"] else f"done in {record['timings']['total_s']:.1f} s"
+        print(f"part {part}/{parts}: {state}: {record['packed']} encoded, {len(record['quarantined'])} "
+              f"quarantined, {len(record['shards'])} shard(s)")
+    done = finished_parts(args.out, plan)
+    if len(done) == parts:
+        index = build_index(args.out)
+        print(f"index {os.path.join(args.out, 'index.json')}: {index['samples']} clip(s) with latents, "
+              f"{index['quarantined']} quarantined, {len(index['shards'])} shard(s)")
+    else:
+        print(f"{len(done)} of {parts} part(s) finished; the index is written when all are")
+    return 0
+
+
 def _job_argv(argv: list[str]) -> list[str]:
     """The pack command line of an array task: the user's, without the options of the job itself."""
     kept, skip = [], 0
@@ -154,6 +213,25 @@ def _inspect(args: argparse.Namespace) -> int:
     report.every_clip = args.clips
     print(json.dumps(report.as_dict(), indent=1) if args.json else report)
     return 1 if report.failures else 0
+
+
+def _parts_arguments(parser: argparse.ArgumentParser, command: str, what: str, done: str) -> None:
+    """--parts/--part/--slurm...: a partitioned, resumable run of pack or encode (datapipes/parts.py)."""
+    parts = parser.add_argument_group(f"distributed, resumable {command} (docs/data.md, 'Distributed packing')")
+    parts.add_argument("--parts", type=int, default=None, metavar="P",
+                       help=f"split {what} into P parts, each {done} on its own and skipped when rerun once done")
+    parts.add_argument("--part", type=int, default=None, metavar="I",
+                       help=f"only part I (0-based; an array task); without it: every part, one after another")
+    parts.add_argument("--slurm", action="store_true",
+                       help="submit the unfinished parts as one SLURM array job (one task per part)")
+    parts.add_argument("--dry-run", action="store_true", help="with --slurm: write the sbatch script, do not submit")
+    parts.add_argument("--slurm-partition", default=None)
+    parts.add_argument("--slurm-time", default="24:00:00")
+    parts.add_argument("--slurm-cpus", type=int, default=None, help="cpus per array task (default: --workers or 1)")
+    parts.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per array task (with --device cuda)")
+    parts.add_argument("--slurm-max-running", type=int, default=None, help="at most this many tasks at once (%%N)")
+    parts.add_argument("--slurm-setup", action="append", default=[],
+                       help=f"a shell line run before the {command} in each task (module load ..., source venv); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,21 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reject an input whose worker takes longer (0: no limit)")
     pack.add_argument("--log-every", type=float, default=30, metavar="SECONDS",
                       help="when stderr is no terminal (a log file, a SLURM job), a progress line this often")
-    parts = pack.add_argument_group("distributed, resumable packing (docs/data.md, 'Distributed packing')")
-    parts.add_argument("--parts", type=int, default=None, metavar="P",
-                       help="split the inputs into P parts, each packed on its own and skipped when rerun once done")
-    parts.add_argument("--part", type=int, default=None, metavar="I",
-                       help="pack only part I (0-based; an array task); without it: every part, one after another")
-    parts.add_argument("--slurm", action="store_true",
-                       help="submit the unfinished parts as one SLURM array job (one task per part)")
-    parts.add_argument("--dry-run", action="store_true", help="with --slurm: write the sbatch script, do not submit")
-    parts.add_argument("--slurm-partition", default=None)
-    parts.add_argument("--slurm-time", default="24:00:00")
-    parts.add_argument("--slurm-cpus", type=int, default=None, help="cpus per array task (default: --workers or 1)")
-    parts.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per array task (with --device cuda)")
-    parts.add_argument("--slurm-max-running", type=int, default=None, help="at most this many tasks at once (%%N)")
-    parts.add_argument("--slurm-setup", action="append", default=[],
-                       help="a shell line run before the pack in each task (module load ..., source venv); repeatable")
+    _parts_arguments(pack, "pack", "the inputs", "packed")
     shots = pack.add_argument_group("raw footage -> clips (--shots; docs/data.md, 'Curation')")
     shots.add_argument("--shots", action="store_true",
                        help="cut each input into shots and clips, score their motion, leave out static scene clips")
@@ -244,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     shots.add_argument("--person-detector-model", default=None, metavar="PATH",
                        help="local YOLOX .onnx counting people in human clips (without it: not counted)")
     pack.set_defaults(run=_pack)
+
+    encode = commands.add_parser("encode", help="cache the VAE latents of a packed shard set in a new one")
+    encode.add_argument("shards", nargs="+", help="the packed shards: directory, index.json, brace pattern, glob or files")
+    encode.add_argument("--out", required=True, help="a new folder for the shards with latents (same folder on rerun)")
+    encode.add_argument("--height", type=int, default=128, help="the training resolution (data.height)")
+    encode.add_argument("--width", type=int, default=64, help="the training resolution (data.width)")
+    encode.add_argument("--bucket", action="append", default=[], metavar="HxW",
+                        help="aspect-ratio buckets (data.buckets) instead of --height/--width; repeatable")
+    encode.add_argument("--flavour", default="tiny", help="model flavour (tiny: random VAE, tests only; sd15)")
+    encode.add_argument("--sd15", default=None, metavar="FOLDER", help="diffusers SD1.5 folder (its vae/ is used)")
+    encode.add_argument("--vae", default=None, metavar="FOLDER",
+                        help="diffusers AutoencoderKL folder (model.pretrained.vae; wins over --sd15)")
+    encode.add_argument("--vae-chunk-size", type=int, default=16, help="frames per VAE call (model.vae_chunk_size)")
+    encode.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    encode.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
+    encode.add_argument("--prefix", default="shard", help="shard file prefix")
+    _parts_arguments(encode, "encode", "the source shards", "encoded")
+    encode.set_defaults(run=_encode)
 
     index = commands.add_parser("index", help="write DIR/index.json of a finished partitioned pack")
     index.add_argument("out", help="the pack's output directory")

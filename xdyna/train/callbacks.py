@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from datapipes.atomic import write_bytes_atomic
 from datapipes.video import encode_mp4
 
+from ..latents import decode_cached
 from ..metrics.validation import validation_metrics
 from ..pipelines import sample_clip
 from .ema import sampling_weights
@@ -103,15 +104,17 @@ class SampleVideoCallback(L.Callback):
                 )
         finally:
             pl_module.train(was_training)
+        # From cached latents (data.latents) the ground truth is the VAE's reconstruction of their mean.
+        truth = batch["video"] if "video" in batch else decode_cached(pl_module.model, batch["video_latents"])
         frames = np.concatenate(
-            [side_by_side(batch["reference"][i], batch["pose"][i], generated[i], batch["video"][i]) for i in range(generated.shape[0])],
+            [side_by_side(batch["reference"][i], batch["pose"][i], generated[i], truth[i]) for i in range(generated.shape[0])],
             axis=1,
         )
         out_dir = Path(trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = self._write(out_dir / f"step{trainer.global_step:07d}_rank{trainer.global_rank}.mp4", frames)
         # The fixed batch's ground truth is the target clip: cheap fidelity metrics beside the video.
-        metrics = validation_metrics(generated, batch["video"], self.lpips_net, self.face_detector, prefix="val/")
+        metrics = validation_metrics(generated, truth, self.lpips_net, self.face_detector, prefix="val/")
         if trainer.world_size > 1:
             # Every rank renders its own share at the same step (same schedule on all ranks), then
             # all take part in the same collectives, so none waits on another that skipped them.

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, XDynaUserError
 from ..diffusion import ScheduleConfig, add_noise, sample_timesteps, training_scheduler, training_target
+from ..latents import sample_cached
 from .batches import to_float_batch
 from .collectives import any_rank
 from .nonfinite import first_non_finite
@@ -91,9 +92,14 @@ class XDynaTrainingModule(L.LightningModule):
     def diffusion_loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
         batch = to_float_batch(batch)
         generator = self.objective_generator()
-        video = batch["video"]
-        latents = self.model.encode_video(video, generator=generator)
-        reference_latents = self.model.encode_images(batch["reference"], generator=generator)
+        if "video_latents" in batch:
+            # Cached by `xdyna-data encode` (data.latents=true): the VAE encode is skipped and the
+            # posterior sampled from the cached mean/std with the same draws it would make.
+            latents = sample_cached(self.model, batch["video_latents"], generator)
+            reference_latents = sample_cached(self.model, batch["reference_latents"], generator)
+        else:
+            latents = self.model.encode_video(batch["video"], generator=generator)
+            reference_latents = self.model.encode_images(batch["reference"], generator=generator)
         noise, timesteps = self.draw_noise_and_timesteps(latents)
         noisy = add_noise(self.noise_scheduler, latents, noise, timesteps)
         pose = batch["pose"] if "pose" in self.conditions else None
@@ -116,7 +122,7 @@ class XDynaTrainingModule(L.LightningModule):
         rng_state = self.objective_rng_state()
         loss = self.diffusion_loss(batch)
         self.check_finite(loss, batch, rng_state)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["video"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["reference"].shape[0])  # video is absent from latents
         return loss
 
     def check_finite(self, loss: torch.Tensor, batch: Mapping[str, Any], rng_state: torch.Tensor | None = None) -> None:

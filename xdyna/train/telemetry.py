@@ -50,7 +50,7 @@ def flops_per_sample(pl_module, batch: dict[str, Any]) -> dict[str, int]:
     file is read): ``model`` (no recompute) and ``hardware`` (with activation recompute)."""
     from xdyna.models.info import training_flops_pair
 
-    _, frames, _, height, width = batch["video"].shape
+    _, frames, _, height, width = batch["pose"].shape  # the clip's shape; no video in batches from latents
     return training_flops_pair(pl_module.model_config, pl_module.trainable_components, pl_module.conditions,
                                frames, height, width)
 
@@ -100,7 +100,7 @@ class TrainingTelemetry(L.Callback):
             self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._samples += int(batch["video"].shape[0]) * trainer.world_size
+        self._samples += int(batch["reference"].shape[0]) * trainer.world_size
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         if engine is not None:
             norm = engine.get_global_grad_norm()
