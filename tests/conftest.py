@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
         if "runs" in fixtures and item.get_closest_marker("xdist_group") is None:
             raise pytest.UsageError(f"{item.nodeid} uses the shared runs without @reads_runs(<cases>) "
                                     "(tests/scale/resume_runs.py): its runs would be trained again on another worker")
+    # Longest first: xdist hands out work in collection order, and the grouped chains of 2-rank
+    # runs (minutes each) would otherwise start last (tests/scale sorts late) and leave one worker
+    # alone with them at the end. Whole modules move, in their own order, so that a module's
+    # fixtures are still built once per worker.
+    weight: dict[str, int] = {}  # per module, its heaviest test: 0 grouped, 1 slow, 2 the rest
+    for item in items:
+        rank = 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
+        weight[item.path] = min(weight.get(item.path, 2), rank)
+    items.sort(key=lambda item: weight[item.path])  # stable: modules and their tests keep their order
 
 
 @pytest.fixture(scope="session")

@@ -35,11 +35,25 @@ def test_nan_loss_stops_the_run_naming_the_step(make_batch, tmp_path):
     assert trainer.global_step == 1  # the bad batch was never stepped on
 
 
+def lpips_manifest(folder: Path) -> Path:
+    """A checksummed local weights manifest of LPIPS-VGG (random weights; xdyna-eval's format)."""
+    from xdyna.metrics.lpips import LPIPSVGG
+    from xdyna.metrics.weights import sha256_of
+
+    torch.manual_seed(0)
+    vgg = folder / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in LPIPSVGG().features.state_dict().items()}, vgg)
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"vgg16_imagenet": {"path": vgg.name, "sha256": sha256_of(vgg)}}))
+    return manifest
+
+
 @pytest.mark.slow
 def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path, shards):  # noqa: F811
     # 2 workers: the training loop must hand their reusable shared-memory buffers back.
+    # samples.lpips_weights: LPIPS-VGG built from a local manifest, logged as val/lpips.
     result = train(tmp_path, shards, "logger=csv", "trainer.max_steps=4", "trainer.log_every_n_steps=2",
-                   "telemetry.peak_tflops=1", "data.num_workers=2")
+                   "telemetry.peak_tflops=1", "data.num_workers=2", f"samples.lpips_weights={lpips_manifest(tmp_path)}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics_csv = Path(next(line.split(None, 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("metrics_csv")))
     rows = list(csv.DictReader(metrics_csv.open()))
@@ -51,7 +65,7 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
     expected = ["train/loss", "lr-AdamW", "perf/samples_per_s", "perf/data_wait_fraction", "perf/grad_norm",
                 "perf/peak_mem_gib", "perf/mfu", "data/samples_drawn", "data/bad_samples", "data/bad_fraction",
                 "data/fresh_shm_batches",
-                "val/psnr", "val/ssim"]
+                "val/psnr", "val/ssim", "val/lpips"]
     missing = [k for k in expected if k not in logged]
     assert not missing, f"not logged: {missing}; logged: {sorted(logged)}"
     # A step's telemetry and loss share one row (Lightning writes both, every log_every_n_steps);
@@ -59,7 +73,8 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
     loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
     assert [int(row["step"]) for row in rows if row.get("perf/samples_per_s")] == loss_steps == [1, 3]
     assert all(row.get("train/loss") for row in rows if row.get("perf/grad_norm"))
-    assert [int(row["step"]) for row in rows if row.get("val/psnr")] == [3]
+    assert [int(row["step"]) for row in rows if row.get("val/psnr")] == [int(row["step"]) for row in rows if row.get("val/lpips")] == [3]
+    assert all(0 <= v < 2 for v in logged["val/lpips"])
     assert all(0 <= v <= 1 for v in logged["perf/data_wait_fraction"])
     assert all(0 < v < 1 for v in logged["perf/mfu"]) and all(v > 0 for v in logged["perf/samples_per_s"])
     assert logged["data/samples_drawn"][-1] >= 4 and logged["data/bad_samples"][-1] == 0
@@ -67,22 +82,7 @@ def test_cli_logs_loss_lr_throughput_memory_mfu_data_and_sample_metrics(tmp_path
     assert all(math.isfinite(v) and v > 0 for v in logged["perf/grad_norm"] + logged["val/psnr"])
 
 
-def test_sample_videos_log_lpips_with_local_weights(tmp_path, shards):  # noqa: F811
-    """samples.lpips_weights: LPIPS-VGG built from a checksummed local manifest, logged as val/lpips."""
-    from xdyna.metrics.lpips import LPIPSVGG
-    from xdyna.metrics.weights import sha256_of
-
-    torch.manual_seed(0)
-    vgg = tmp_path / "vgg16.pth"
-    torch.save({f"features.{k}": v for k, v in LPIPSVGG().features.state_dict().items()}, vgg)
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"vgg16_imagenet": {"path": vgg.name, "sha256": sha256_of(vgg)}}))
-    result = train(tmp_path, shards, "logger=csv", "trainer.max_steps=1", f"samples.lpips_weights={manifest}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics_csv = Path(next(line.split(None, 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("metrics_csv")))
-    values = [float(row["val/lpips"]) for row in csv.DictReader(metrics_csv.open()) if row.get("val/lpips")]
-    assert values and all(0 <= v < 2 for v in values)
-
-    (tmp_path / "bad").mkdir()
-    bad = train(tmp_path / "bad", shards, "logger=none", "trainer.max_steps=1", f"samples.lpips_weights={tmp_path / 'none.json'}")
+def test_sample_videos_refuse_a_missing_lpips_manifest(tmp_path, shards):  # noqa: F811
+    """samples.lpips_weights naming no file: one clear line naming it (logged LPIPS: the telemetry test)."""
+    bad = train(tmp_path, shards, "logger=none", "trainer.max_steps=1", f"samples.lpips_weights={tmp_path / 'none.json'}")
     assert bad.returncode == 2 and "none.json" in bad.stderr and "Traceback" not in bad.stderr
