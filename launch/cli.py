@@ -4,7 +4,10 @@
 
 ``OVERRIDE`` are xdyna-train's Hydra overrides (``experiment=wo_fusion``,
 ``launcher.nodes=4``, ``launcher.partition=gpu``, ``run.id=my-run`` ...). The job shape comes
-from the ``launcher`` config group (conf/launcher/). Prints the job id, run directory and script.
+from the ``launcher`` config group (conf/launcher/); ``launcher.nodes_min=2 launcher.nodes=4``
+submits an elastic job (``--nodes=2-4``) whose attempts may run on any node count of the range,
+resuming on another world size when a requeue brings it back on fewer or more nodes
+(docs/scale.md). Prints the job id, run directory and script.
 Local single-node runs need no launcher: ``xdyna-train ...``.
 """
 
@@ -44,6 +47,8 @@ def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.La
     spec = slurm.SlurmJobSpec(
         job_name=f"xdyna-{run_id}",
         nodes=int(job.nodes),
+        # A launcher config without the key (written before elastic jobs) asks for exactly `nodes`.
+        nodes_min=None if job.get("nodes_min") is None else int(job.nodes_min),
         tasks_per_node=int(job.devices_per_node),
         gpus_per_node=int(job.devices_per_node) if job.request_gpus else 0,
         cpus_per_task=job.cpus_per_task,
@@ -64,6 +69,7 @@ def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.La
     task_overrides = [o for o in overrides if not o.lstrip("+").startswith(("run.id=", "run.root=", "launcher"))] + [
         f"run.id={run_id}",
         f"run.root={run_root}",
+        # The most nodes the job may get; each attempt trains on the nodes it got (scaleout reads them).
         f"trainer.num_nodes={spec.nodes}",
         f"trainer.devices={spec.tasks_per_node}",
     ]

@@ -52,3 +52,28 @@ def release_requeue_hold(cluster, job_id: str) -> None:
     if (restarts(cluster, job_id) and cluster.job_state(job_id) == "PENDING"
             and cluster.job_field(job_id, "Reason") == "BeginTime"):
         cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
+
+
+def wait_while_running(cluster, job_id: str, job_log: Path, ready, what: str) -> None:
+    """Wait for ``ready()`` while the job's first attempt runs (it must not end before: the
+    caller is about to signal it)."""
+    def check() -> bool:
+        state = cluster.job_state(job_id)
+        if state in (*ENDED_BADLY, "COMPLETED"):
+            raise diagnose(cluster, job_id, job_log, f"job ended ({state}) before it was signalled")
+        return ready()
+
+    wait_for(check, JOB_TIMEOUT_S, lambda: diagnose(cluster, job_id, job_log, f"no {what} in time"))
+
+
+def wait_requeued_and_completed(cluster, job_id: str, job_log: Path) -> None:
+    """Wait until the signalled job has been requeued (released from slurmctld's hold) and its
+    restarted attempt completed."""
+    def check() -> bool:
+        state = cluster.job_state(job_id)
+        if state in ENDED_BADLY:
+            raise diagnose(cluster, job_id, job_log, f"job ended {state}")
+        release_requeue_hold(cluster, job_id)
+        return state == "COMPLETED" and restarts(cluster, job_id) >= 1
+
+    wait_for(check, JOB_TIMEOUT_S, lambda: diagnose(cluster, job_id, job_log, "job did not requeue and complete in time"))

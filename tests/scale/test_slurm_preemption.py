@@ -13,8 +13,8 @@ import pytest
 from xdyna.train import checkpointing
 from xdyna.checkpoint_io import read_checkpoint
 
-from .slurm_jobs import (ENDED_BADLY, JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnose, release_requeue_hold, restarts,
-                         wait_for)
+from .slurm_jobs import (JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnose, restarts, wait_requeued_and_completed,
+                         wait_while_running)
 from .tiny_run import BIN, WEIGHT_ATOL, clean_env, max_weight_difference, tiny_overrides
 
 MAX_STEPS = 6
@@ -46,26 +46,11 @@ def test_sigusr1_requeues_job_which_resumes_to_uninterrupted_weights(slurm_clust
         cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        def job_failed() -> bool:
-            state = slurm_cluster.job_state(job_id)
-            if state in (*ENDED_BADLY, "COMPLETED"):
-                raise diagnose(slurm_cluster, job_id, job_log, f"job ended ({state}) before it was signalled")
-            return False
-
-        wait_for(lambda: job_failed() or checkpointing.is_complete(checkpoints / checkpointing.checkpoint_name(2)),
-                 JOB_TIMEOUT_S, lambda: diagnose(slurm_cluster, job_id, job_log, "no step-2 checkpoint in time"))
+        wait_while_running(slurm_cluster, job_id, job_log, lambda: checkpointing.is_complete(
+            checkpoints / checkpointing.checkpoint_name(2)), "step-2 checkpoint")
         # To the job steps' tasks, as SLURM's own --signal=SIGUSR1@<lead> does (not the batch shell).
         slurm_cluster.run(["scancel", "--signal=USR1", job_id])
-
-        def restarted_and_done() -> bool:
-            state = slurm_cluster.job_state(job_id)
-            if state in ENDED_BADLY:
-                raise diagnose(slurm_cluster, job_id, job_log, f"job ended {state}")
-            release_requeue_hold(slurm_cluster, job_id)
-            return state == "COMPLETED" and restarts(slurm_cluster, job_id) >= 1
-
-        wait_for(restarted_and_done, JOB_TIMEOUT_S,
-                 lambda: diagnose(slurm_cluster, job_id, job_log, "job did not requeue and complete in time"))
+        wait_requeued_and_completed(slurm_cluster, job_id, job_log)
         reference_out, _ = reference.communicate(timeout=JOB_TIMEOUT_S)
     finally:
         if reference.poll() is None:

@@ -30,6 +30,44 @@ def is_env_rank_zero(environ=os.environ) -> bool:
     return environ.get("LOCAL_RANK", "0") == "0" and environ.get("NODE_RANK", "0") == "0"
 
 
+def _as_count(value: Any) -> int | None:
+    """An int-valued device/node setting as an int (``None`` for ``auto``, index lists ...)."""
+    return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else None
+
+
+def adopt_slurm_allocation(trainer_kwargs: dict[str, Any]) -> str | None:
+    """Under ``srun``: train on the nodes and tasks per node this job attempt was given.
+
+    ``trainer.num_nodes``/``trainer.devices`` are fixed at submission, but an elastic job
+    (``--nodes=<min>-<max>``, docs/scale.md) may start, and be requeued, on any node count of its
+    range. Lightning's ``SLURMEnvironment.validate_settings`` refuses a Trainer whose ``num_nodes``
+    differs from the step's ``SLURM_NNODES`` or whose ``devices`` differs from
+    ``SLURM_NTASKS_PER_NODE`` (and takes the world size from ``SLURM_NTASKS``), so both are set
+    from those variables here, the same ones it checks. Returns the line to print when the config
+    asked for another shape, else ``None``. Outside SLURM (or in an interactive allocation, which
+    Lightning does not treat as SLURM) nothing changes.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    nodes = os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES")
+    tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
+    configured = {"trainer.num_nodes": trainer_kwargs.get("num_nodes", 1), "trainer.devices": trainer_kwargs.get("devices")}
+    allocated = {}
+    if nodes and nodes.isdigit():
+        allocated["trainer.num_nodes"] = trainer_kwargs["num_nodes"] = int(nodes)
+    if tasks_per_node and tasks_per_node.isdigit():
+        allocated["trainer.devices"] = trainer_kwargs["devices"] = int(tasks_per_node)
+    changed = [key for key, value in allocated.items()
+               if _as_count(configured[key]) is not None and _as_count(configured[key]) != value]
+    if not changed:
+        return None
+    return (f"xdyna-train: SLURM gave this job {allocated.get('trainer.num_nodes', '?')} node(s) x "
+            f"{allocated.get('trainer.devices', '?')} task(s) per node; training on that instead of "
+            + " ".join(f"{key}={configured[key]}" for key in changed))
+
+
 @dataclass
 class ScaleOut:
     trainer_kwargs: dict[str, Any]
@@ -55,6 +93,9 @@ def build_scaleout(
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     trainer_kwargs = dict(trainer_cfg)
+    reshaped = adopt_slurm_allocation(trainer_kwargs)
+    if reshaped and is_env_rank_zero():
+        print(reshaped, flush=True)
     strategy_cfg = trainer_kwargs.pop("strategy", "auto")
     if isinstance(strategy_cfg, Mapping):
         strategy_cfg = {k: v for k, v in strategy_cfg.items() if k != "_target_"}

@@ -6,6 +6,16 @@ signal ``--signal=SIGUSR1@<lead>`` that :class:`xdyna.train.preemption.Preemptio
 into checkpoint + ``scontrol requeue``, and ``--requeue``. The run id is fixed at submission and
 exported as ``XDYNA_RUN_ID``; a requeued job keeps its environment, so it lands in the same run
 directory and W&B run and resumes there.
+
+Elastic jobs (``launcher.nodes_min``): ``--nodes=<min>-<max>``, and SLURM starts each attempt on
+as many nodes of that range as it can give at once, so a requeued job may come back on fewer or
+more nodes than it left. The header then carries no ``--ntasks-per-node``: with it, sbatch fixes
+the job's task count at ``min x tasks`` and the scheduler allocates the minimum node count even
+when more nodes are idle (seen on slurm 22.05); the per-node CPUs are asked for with ``--mincpus``
+instead. Every script's ``srun`` sizes its step from the allocation it got
+(``$SLURM_JOB_NUM_NODES`` nodes x the tasks per node), never from the task count sbatch exported
+at submission, and the training reads its node count from the step
+(:func:`xdyna.train.scaleout.adopt_slurm_allocation`).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ class SlurmJobSpec:
 
     job_name: str
     nodes: int = 1
+    nodes_min: int | None = None    # elastic: any node count in [nodes_min, nodes]; None = exactly `nodes`
     tasks_per_node: int = 1
     gpus_per_node: int = 0          # GPUs to request (GRES); 0 on CPU-only partitions
     cpus_per_task: int | None = None
@@ -56,9 +67,16 @@ class SlurmJobSpec:
     extra_directives: tuple[str, ...] = ()   # further "#SBATCH" options, e.g. "--constraint=a100"
     setup: tuple[str, ...] = ()              # shell lines before srun (module load, venv activate)
 
+    @property
+    def elastic(self) -> bool:
+        return self.nodes_min is not None and self.nodes_min < self.nodes
+
     def validate(self) -> None:
         if self.nodes < 1:
             raise LaunchError(f"launcher.nodes must be >= 1, got {self.nodes}")
+        if self.nodes_min is not None and not 1 <= self.nodes_min <= self.nodes:
+            raise LaunchError(f"launcher.nodes_min={self.nodes_min} must lie in 1..launcher.nodes={self.nodes} "
+                              "(null: always exactly launcher.nodes)")
         if self.tasks_per_node < 1:
             raise LaunchError(f"tasks per node (trainer.devices) must be >= 1, got {self.tasks_per_node}")
         if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
@@ -96,10 +114,14 @@ def render_sbatch(spec: SlurmJobSpec, train_command: Sequence[str], run_dir: Pat
     """The batch script text. ``train_command`` runs once per task under ``srun``."""
     spec.validate()
     log_dir = run_dir / "slurm"
-    directives = [
-        f"--job-name={spec.job_name}",
-        f"--nodes={spec.nodes}",
-        f"--ntasks-per-node={spec.tasks_per_node}",
+    directives = [f"--job-name={spec.job_name}"]
+    if spec.elastic:
+        # No --ntasks-per-node here (see the module docstring): every task's CPUs per node instead.
+        directives += [f"--nodes={spec.nodes_min}-{spec.nodes}",
+                       f"--mincpus={spec.tasks_per_node * (spec.cpus_per_task or 1)}"]
+    else:
+        directives += [f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
+    directives += [
         f"--time={spec.time}",
         f"--signal=SIGUSR1@{spec.signal_lead_s}",
         # Requeued jobs append to the same log instead of overwriting the first attempt's.
@@ -125,7 +147,13 @@ def render_sbatch(spec: SlurmJobSpec, train_command: Sequence[str], run_dir: Pat
         'echo "xdyna: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
         *spec.setup,
         # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others hanging.
-        "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(part) for part in train_command),
+        # The step's shape comes from this attempt's allocation: the task count sbatch exported at
+        # submission is stale once a requeued job comes back on another node count.
+        f"srun --kill-on-bad-exit=1 --nodes=$SLURM_JOB_NUM_NODES --ntasks-per-node={spec.tasks_per_node} "
+        f"--ntasks=$((SLURM_JOB_NUM_NODES * {spec.tasks_per_node})) "
+        # srun does not inherit sbatch's --cpus-per-task (srun(1), slurm 22.05): ask again.
+        + (f"--cpus-per-task={spec.cpus_per_task} " if spec.cpus_per_task else "")
+        + " ".join(shlex.quote(part) for part in train_command),
     ]
     return "\n".join(lines) + "\n"
 
