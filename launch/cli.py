@@ -34,6 +34,17 @@ def _compose(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
+def _count(job, key: str, optional: bool = False) -> int | None:
+    """``launcher.<key>`` as an int; a value that is none is one error naming the key."""
+    value = job.get(key)
+    if value is None and optional:  # also a launcher config written before the key existed
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise slurm.LaunchError(f"launcher.{key}={value!r} is not a whole number") from None
+
+
 def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.LaunchPlan:
     """Compose the run's config and derive the job: run id, run directory, sbatch header."""
     # The launcher group is not in train.yaml's defaults (xdyna-train never needs it): append it.
@@ -46,18 +57,17 @@ def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.La
     job = cfg.launcher
     spec = slurm.SlurmJobSpec(
         job_name=f"xdyna-{run_id}",
-        nodes=int(job.nodes),
-        # A launcher config without the key (written before elastic jobs) asks for exactly `nodes`.
-        nodes_min=None if job.get("nodes_min") is None else int(job.nodes_min),
-        tasks_per_node=int(job.devices_per_node),
-        gpus_per_node=int(job.devices_per_node) if job.request_gpus else 0,
+        nodes=_count(job, "nodes"),
+        nodes_min=_count(job, "nodes_min", optional=True),  # null: exactly `nodes`
+        tasks_per_node=_count(job, "devices_per_node"),
+        gpus_per_node=_count(job, "devices_per_node") if job.request_gpus else 0,
         cpus_per_task=job.cpus_per_task,
         mem=job.mem,
         time=str(job.time),
         partition=job.partition,
         account=job.account,
         qos=job.qos,
-        signal_lead_s=int(job.signal_lead_s),
+        signal_lead_s=_count(job, "signal_lead_s"),
         requeue=bool(job.requeue),
         extra_directives=tuple(job.extra_directives),
         setup=tuple(job.setup),
