@@ -12,7 +12,7 @@ from xdyna.train.module import CheckpointMismatchError, XDynaTrainingModule
 
 def stage_config(name: str, **optim) -> dict:
     stage = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml"))
-    stage["optim"].update(optim)
+    stage.setdefault("optim", {}).update(optim)  # the file names only what differs from OptimConfig
     return stage
 
 

@@ -30,6 +30,16 @@ def _own_keys(path: Path) -> dict:
     return values
 
 
+def _set_keys(path: Path) -> dict:
+    """The keys a data file sets itself or through the data files its defaults list extends."""
+    parents = [entry for entry in yaml.safe_load(path.read_text()).get("defaults", [])
+               if isinstance(entry, str) and entry != "_self_" and not entry.startswith("/")]
+    keys = {}
+    for parent in parents:
+        keys.update(_set_keys(path.parent / f"{parent}.yaml"))
+    return {**keys, **_own_keys(path)}
+
+
 @pytest.mark.parametrize("path", DATA_FILES, ids=lambda p: p.name)
 def test_data_files_differ_from_the_dataclass_only_on_purpose(path):
     values = _own_keys(path)
@@ -42,10 +52,18 @@ def test_data_files_differ_from_the_dataclass_only_on_purpose(path):
     assert not stale, f"{path.name}: {stale} listed as intended differences but equal to the defaults"
 
 
-def test_the_base_data_file_lists_every_field():
-    # Without a structured schema, `data.KEY=...` on the command line works only for keys the
-    # composed config holds; data/synthetic.yaml (which the other data files extend) holds all.
-    assert set(_own_keys(CONF_DIR / "data" / "synthetic.yaml")) == set(DEFAULTS)
+@pytest.mark.parametrize("path", DATA_FILES, ids=lambda p: p.name)
+def test_every_field_composes_from_the_dataclass(path, monkeypatch):
+    # The schema (xdyna/train/schema.py) gives the composed `data` every field, so `data.KEY=...`
+    # works for keys no file names, and each value no file sets is the dataclass's.
+    monkeypatch.setenv("XDYNA_RUN_ID", "defaults-test")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data={path.stem}"])
+    composed = OmegaConf.to_container(cfg.data)
+    assert set(composed) == set(DEFAULTS)
+    own = _set_keys(path)
+    assert {key: value for key, value in composed.items() if key not in own} == \
+        {key: value for key, value in DEFAULTS.items() if key not in own}
 
 
 def test_three_sources_example_composes_into_a_working_loader(tmp_path, portrait_shards):

@@ -39,7 +39,7 @@ def tiny_configs(stage: str = "stage1") -> tuple[dict, dict]:
     model = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"))
     model.pop("defaults", None)
     stage_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "stage" / f"{stage}.yaml"))
-    stage_cfg["optim"]["warmup_steps"] = 1
+    stage_cfg.setdefault("optim", {})["warmup_steps"] = 1  # the file names only what differs from OptimConfig
     return model, stage_cfg
 
 

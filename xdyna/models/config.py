@@ -144,6 +144,17 @@ class ModelConfig:
         variant's reference path has no trainable weights)."""
         return self.reference_variant.reference_component
 
+    def components(self) -> tuple[str, ...]:
+        """The trainable components a model of this config has (xdyna_model.COMPONENTS order): its
+        reference variant's own, and the shared ones it does not switch off. What the config rules
+        check a stage's trainable set against before any model is built."""
+        from .xdyna_model import COMPONENTS, SHARED_COMPONENTS  # at call time: xdyna_model imports this module
+
+        switched = {"face_controlnet": self.face == "sface", "image_prompt": bool(self.image_prompt)}
+        own = self.reference_variant.components
+        return tuple(name for name in COMPONENTS
+                     if name in own or (name in SHARED_COMPONENTS and switched.get(name, True)))
+
     def validate(self) -> None:
         self.resolve_groupnorm()  # a mode set to auto after construction
         from .activation_checkpointing import resolve_policy

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_common import debug_requested
+# Registers the dataclasses the conf/ files name as their schema (``/schema/<group>``): every
+# composition of CONF_DIR (this CLI, xdyna-launch, xdyna-info, tests) imports this module first.
+from . import schema  # noqa: F401
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

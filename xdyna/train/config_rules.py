@@ -24,6 +24,25 @@ def _select(cfg: DictConfig, key: str, default=None):
     return OmegaConf.select(cfg, key, default=default)
 
 
+def _plain(cfg: DictConfig, key: str, default=None):
+    """The value at ``key`` as plain Python (containers resolved), ``default`` when absent."""
+    node = _select(cfg, key, default)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _model(cfg: DictConfig):
+    """The composed ``model`` as a :class:`~xdyna.models.config.ModelConfig`, or ``None`` when there
+    is none or it is invalid (:func:`model_is_valid` reports why; the other rules then stay quiet)."""
+    from ..models.config import ModelConfig
+
+    if _select(cfg, "model") is None:
+        return None
+    try:
+        return ModelConfig.from_mapping(_plain(cfg, "model"))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -53,6 +72,145 @@ def face_landmarks_switch_is_one(cfg: DictConfig) -> list[str]:
                 f"or set data.face_landmarks_in_pose=false"]
     return ["model.face=landmarks_in_pose (w/lmk) needs data.face_landmarks_in_pose=true, else the pose carries no face "
             "and it trains the wo/face model: use experiment=w_lmk (sets both) or add data.face_landmarks_in_pose=true"]
+
+
+def keys_are_schema_fields(cfg: DictConfig) -> list[str]:
+    """Every key of a node typed by a schema (xdyna/train/schema.py) is a field of its dataclass.
+    Composition refuses a typo in a file or an override; ``+group.key=...`` still adds one (Hydra
+    opens the node for it), and the dataclass would take it only as a TypeError at build time."""
+    from dataclasses import fields, is_dataclass
+
+    found: list[str] = []
+
+    def walk(node: DictConfig, path: str) -> None:
+        schema = OmegaConf.get_type(node)
+        known = [f.name for f in fields(schema)] if is_dataclass(schema) else None
+        for key in node:
+            if known is not None and key not in known:
+                found.append(f"{path}.{key}: no such key; {path} takes the fields of "
+                             f"{schema.__module__}.{schema.__qualname__}: {', '.join(known)}")
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{path}.{key}")
+
+    from .schema import SCHEMAS
+
+    for group in SCHEMAS:
+        node = _select(cfg, group)
+        if isinstance(node, DictConfig):
+            walk(node, group)
+    return found
+
+
+def real_weights_given(cfg: DictConfig) -> list[str]:
+    """A real-size model (``model=sd15``) starts from the user's SD1.5 folder. Its file cannot mark
+    the path required with ``???``: Hydra's merge keeps the schema's ``null`` over a missing
+    value, so the requirement is checked here (only the tiny flavour trains from random init)."""
+    flavour = _select(cfg, "model.flavour")
+    if flavour in (None, "tiny") or _select(cfg, "model.pretrained.sd15") not in (None, ""):
+        return []
+    return [f"required config value(s) not set: model.pretrained.sd15 (model.flavour={flavour} starts from real "
+            f"weights: a local diffusers SD1.5 folder, e.g. model.pretrained.sd15=/data/weights/stable-diffusion-v1-5)"]
+
+
+def model_is_valid(cfg: DictConfig) -> list[str]:
+    """The model config's own checks (choices, exclusive paths, its reference variant's rules),
+    before a job is queued or a model built."""
+    from ..models.config import ModelConfig
+
+    if _select(cfg, "model") is None:
+        return []
+    try:
+        ModelConfig.from_mapping(_plain(cfg, "model"))
+    except ConfigError as error:
+        return [str(error)]
+    return []
+
+
+def stage_trains_what_the_model_has(cfg: DictConfig) -> list[str]:
+    """``stage.trainable`` names components the model builds: the reference variant's own (asked
+    of its class in reference_variants.py), the S-Face ControlNet with ``model.face=sface``, the
+    image prompt with ``model.image_prompt=true``. Caught when the model is built, otherwise: after
+    the weights are loaded, or on a cluster after the queue wait."""
+    from ..models.xdyna_model import COMPONENTS
+
+    trainable = _plain(cfg, "stage.trainable")
+    model = _model(cfg)
+    if not isinstance(trainable, list) or model is None:
+        return []
+    found = []
+    unknown = [name for name in trainable if name not in COMPONENTS]
+    if unknown:
+        found.append(f"stage.trainable: unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
+    have = model.components()
+    absent = [name for name in trainable if name in COMPONENTS and name not in have]
+    if not absent:
+        return found
+    variant = model.reference_variant
+    fixed = [name for name in trainable if name in have]
+    # Another variant's reference component: this variant's takes its place in the suggestion.
+    swapped = any(name not in ("face_controlnet", "image_prompt") for name in absent)
+    if swapped and variant.reference_component in have and variant.reference_component not in fixed:
+        fixed.insert(0, variant.reference_component)
+    fix = f" or stage.trainable=[{', '.join(fixed)}]" if fixed else ""
+    for name in absent:
+        if name == "face_controlnet":
+            why = f"model.face={model.face} has no S-Face ControlNet"
+        elif name == "image_prompt":
+            why = "model.image_prompt=false builds no image prompt"
+        else:
+            path = (f"its reference path trains as {variant.reference_component}" if variant.reference_component
+                    else "its reference path has no trainable weights")
+            why = f"model.reference={variant.name} ({variant.title}) has no {name}; {path}"
+        found.append(f"stage.trainable has {name} but {why}: use a model and stage that fit "
+                     f"(conf/experiment/ sets both for each ablation){fix}")
+    return found
+
+
+# The ControlNet each condition feeds: trained without its condition it gets no input.
+CONDITION_CONTROLNETS = {"pose": "pose_controlnet", "face": "face_controlnet"}
+
+
+def stage_conditions_fit_the_data(cfg: DictConfig) -> list[str]:
+    """``stage.conditions`` against the model and the data: a face condition needs the S-Face
+    ControlNet (``model.face=sface``) and face maps in the batches (``data.with_face=true``, and
+    with ``data.sources`` a source whose clips carry them); a trained ControlNet needs its condition."""
+    from datapipes.loader import SOURCE_KINDS, ClipLoaderConfig
+
+    conditions = _plain(cfg, "stage.conditions")
+    if not isinstance(conditions, list):
+        return []
+    found = []
+    offered = SOURCE_KINDS["human"]["conditions"]
+    unknown = [c for c in conditions if c not in offered]
+    if unknown:
+        found.append(f"stage.conditions: unknown {unknown}; known: {', '.join(offered)}")
+    trainable = _plain(cfg, "stage.trainable") or []
+    for condition, controlnet in CONDITION_CONTROLNETS.items():
+        if controlnet in trainable and condition not in conditions:
+            found.append(f"stage.trainable has {controlnet} but stage.conditions={conditions} has no {condition}: "
+                         f"it would get no input and learn nothing; add {condition} to stage.conditions")
+    if "face" not in conditions:
+        return found
+    model = _model(cfg)
+    if model is not None and model.face != "sface":
+        found.append(f"stage.conditions has face but model.face={model.face} has no S-Face ControlNet to take it: "
+                     f"drop face from stage.conditions or use model/face=sface")
+    if "data" not in cfg:
+        return found
+    if not _select(cfg, "data.with_face", False):
+        found.append("stage.conditions has face but data.with_face=false: the batches carry no face maps; "
+                     "add data.with_face=true")
+    elif _select(cfg, "data.sources") is not None:
+        try:
+            sources = ClipLoaderConfig(**_plain(cfg, "data")).data_sources()
+        except (TypeError, ValueError):
+            return found  # the data module names a malformed source table
+        if not any("face" in source.conditions for source in sources):
+            found.append(f"stage.conditions has face but no source of data.sources ({', '.join(s.name for s in sources)}) "
+                         f"carries face maps: give a human source conditions [pose, face]")
+    return found
 
 
 # ----------------------------------------------------------------------------- launch
@@ -180,7 +338,9 @@ def ema_is_valid(cfg: DictConfig) -> list[str]:
     return []
 
 
-CONFIG_RULES: list[Rule] = [shards_given, face_landmarks_switch_is_one, schedule_is_valid, ema_is_valid]
+CONFIG_RULES: list[Rule] = [keys_are_schema_fields, real_weights_given, shards_given, model_is_valid,
+                            face_landmarks_switch_is_one, stage_trains_what_the_model_has,
+                            stage_conditions_fit_the_data, schedule_is_valid, ema_is_valid]
 LAUNCH_RULES: list[Rule] = [gpu_launcher_runs_a_gpu_job, job_has_no_unset_values]
 ENVIRONMENT_RULES: list[Rule] = [accelerator_is_available, scene_clips_exist]
 

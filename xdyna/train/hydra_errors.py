@@ -9,6 +9,7 @@ report (search path, "Set the environment variable HYDRA_FULL_ERROR=1 ...") with
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable, Sequence
 
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
@@ -49,6 +50,21 @@ def _unparsable_override(overrides: Sequence[str]) -> str | None:
     return None
 
 
+def _config_file(error: BaseException) -> str | None:
+    """``conf/<group>/<option>.yaml`` when Hydra failed while merging that file (its message
+    starts ``In '<group>/<option>':``), else ``None`` (an override on the command line)."""
+    match = re.match(r"In '([^']+)':", str(error))
+    return f"conf/{match.group(1)}.yaml" if match else None
+
+
+def _schema_name(node) -> str | None:
+    """``module.Class`` of the dataclass that types ``node`` (xdyna/train/schema.py), else None."""
+    object_type = getattr(getattr(node, "_metadata", None), "object_type", None)
+    if object_type is None or object_type is dict:
+        return None
+    return f"{object_type.__module__}.{object_type.__qualname__}"
+
+
 def describe_config_error(error: BaseException, overrides: Sequence[str]) -> str | None:
     """One line for a config composition error, or ``None`` when ``error`` is not one."""
     if isinstance(error, MissingConfigException):
@@ -61,16 +77,29 @@ def describe_config_error(error: BaseException, overrides: Sequence[str]) -> str
         culprit = _unparsable_override(overrides)
         where = f"cannot parse override {culprit!r}" if culprit else "cannot parse the overrides"
         return f"{where} ({_first_line(error)}); {QUOTING_HINT}"
-    cause = error.__cause__
+    # An override's error is the exception's cause; a config file's (Hydra re-raises while
+    # handling it) its context.
+    cause = error.__cause__ or error.__context__
+    config_file = _config_file(error)
     if isinstance(error, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         key = str(cause.full_key)
         parent = cause.parent_node
         known = [str(k) for k in parent.keys()] if parent is not None else []
         leaf = key.rpartition(".")[2]
         section = key.rpartition(".")[0] or "the config"
-        return (f"{_override_setting(overrides, key)}: {section} has no key {leaf!r}{_suggest(leaf, known)}; "
-                f"keys: {', '.join(known)} (a new key needs a leading '+')")
+        schema = _schema_name(parent)
+        # A node typed by a schema takes its dataclass's fields only ('+' cannot add one there).
+        hint = f"the fields of {schema}" if schema else "a new key needs a leading '+'"
+        where = config_file or _override_setting(overrides, key)
+        return (f"{where}: {section} has no key {leaf!r}{_suggest(leaf, known)}; "
+                f"keys: {', '.join(known)} ({hint})")
     if isinstance(error, (HydraException, OmegaConfBaseException)):
-        detail = f": {_first_line(cause)}" if isinstance(cause, OmegaConfBaseException) else ""
-        return f"{_first_line(error)}{detail}"
+        if isinstance(cause, OmegaConfBaseException):
+            key = getattr(cause, "full_key", None)
+            detail = f": {key + ': ' if key and config_file else ''}{_first_line(cause)}"
+        else:
+            detail = ""
+        # A file's error: "conf/<file>.yaml: <key>: <what>" instead of Hydra's "In '<file>': X raised ...:".
+        head = config_file if config_file and detail else _first_line(error)
+        return f"{head}{detail}"
     return None
