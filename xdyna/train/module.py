@@ -61,7 +61,9 @@ class XDynaTrainingModule(L.LightningModule):
             raise ConfigError(f"stage.conditions: unknown {unknown}; known: {list(CONDITIONS)}")
         if "face" in self.conditions and self.model_config.face == "none":
             raise ConfigError("stage.conditions includes face but model.face=none has no S-Face ControlNet")
-        self.optim = dict(stage["optim"])
+        from .stage_config import OptimConfig  # the optimizer's defaults, one place (stage.optim's schema)
+
+        self.optim = OptimConfig.from_mapping(stage.get("optim"))
         self.model: XDynaModel = build_model(self.model_config)
         self.model.set_trainable(self.trainable_components)
         self.noise_scheduler = training_scheduler(self.schedule)
@@ -150,14 +152,8 @@ class XDynaTrainingModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optim = self.optim
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=optim["lr"],
-            betas=tuple(optim.get("betas", (0.9, 0.999))),
-            weight_decay=optim.get("weight_decay", 0.01),
-            eps=optim.get("eps", 1e-8),
-        )
-        warmup = max(1, int(optim.get("warmup_steps", 0)))
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+        warmup = max(1, optim.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
