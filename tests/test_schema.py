@@ -16,10 +16,12 @@ from omegaconf import OmegaConf
 from xdyna.train import config_rules
 from xdyna.train.cli import CONF_DIR
 from xdyna.train.hydra_errors import describe_config_error
-from xdyna.train.schema import SCHEMAS, schema_node
+from xdyna.train.schema import SCHEMAS, TrainConfig, schema_node
 
 YAML_FILES = sorted(CONF_DIR.rglob("*.yaml"))
-DEFAULTS = {group: OmegaConf.to_container(schema_node(schema)) for group, schema in SCHEMAS.items()}
+# The composed config's defaults: the top level's and, under each group, its schema's.
+DEFAULTS = {**OmegaConf.to_container(schema_node(TrainConfig)),
+            **{group: OmegaConf.to_container(schema_node(schema)) for group, schema in SCHEMAS.items()}}
 MISSING = "???"
 
 
@@ -88,7 +90,7 @@ def test_every_file_holds_only_what_differs_from_its_schema():
         equal, count = defaults_equal_in(path)
         assert not equal, f"{path.relative_to(CONF_DIR)} repeats the schema's default of {equal}: delete them"
         compared += count
-    # Not vacuous: the model, data, stage and schedule files and the presets name schema keys.
+    # Not vacuous: the model, data, stage and schedule files, presets and experiments name schema keys.
     assert compared >= 30
 
 
@@ -97,6 +99,13 @@ def test_the_check_finds_a_repeated_default(tmp_path):
     path.parent.mkdir()
     path.write_text("name: stage9\ntrainable: [motion_modules]\noptim:\n  lr: 1.0e-5\n  warmup_steps: 7\n")
     assert defaults_equal_in(path, tmp_path) == (["stage.optim.lr"], 4)
+
+
+def test_the_top_level_is_typed_by_its_dataclass():
+    cfg = compose_train([])
+    assert OmegaConf.get_type(cfg) is TrainConfig
+    assert set(cfg) == {f.name for f in fields(TrainConfig)}
+    assert "run.idd=x: run has no key 'idd' (did you mean id?)" in compose_error(["run.idd=x"])
 
 
 @pytest.mark.parametrize("group", SCHEMAS)
@@ -242,3 +251,4 @@ def test_cfg_job_shows_the_composed_schema_defaults(capsys, monkeypatch):
                                        "warmup_steps": 500}
     assert shown["stage"]["conditions"] == ["pose", "face"] and shown["data"]["num_frames"] == 8
     assert shown["schedule"]["beta_end"] == 0.012 and shown["model"]["vae_chunk_size"] == 16
+    assert shown["checkpoint"] == {"every_n_steps": 50, "keep": 3, "export_at_end": True}

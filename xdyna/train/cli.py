@@ -59,6 +59,7 @@ def build_logger(cfg, run_dir: Path, resume_step: int = 0):
     if kind != "wandb":
         raise user_error(f"logger.kind={kind!r}; choose wandb, csv or none")
     from lightning.pytorch.loggers import WandbLogger
+    from omegaconf import OmegaConf
 
     os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
     # id = run id, resume="allow": a requeued job continues the same W&B run.
@@ -70,6 +71,7 @@ def build_logger(cfg, run_dir: Path, resume_step: int = 0):
         resume="allow",
         save_dir=str(run_dir),
         offline=cfg.logger.mode == "offline",
+        tags=list(OmegaConf.select(cfg, "run.tags", default=None) or []) or None,
     )
 
 

@@ -86,20 +86,16 @@ def keys_are_schema_fields(cfg: DictConfig) -> list[str]:
         schema = OmegaConf.get_type(node)
         known = [f.name for f in fields(schema)] if is_dataclass(schema) else None
         for key in node:
+            where = f"{path}.{key}" if path else str(key)
             if known is not None and key not in known:
-                found.append(f"{path}.{key}: no such key; {path} takes the fields of "
+                found.append(f"{where}: no such key; {path or 'the top level'} takes the fields of "
                              f"{schema.__module__}.{schema.__qualname__}: {', '.join(known)}")
                 continue
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-                walk(child, f"{path}.{key}")
+                walk(child, where)
 
-    from .schema import SCHEMAS
-
-    for group in SCHEMAS:
-        node = _select(cfg, group)
-        if isinstance(node, DictConfig):
-            walk(node, group)
+    walk(cfg, "")  # untyped nodes (trainer, logger, launcher) are walked through, not checked
     return found
 
 
