@@ -1,31 +1,44 @@
 """End to end on the real local SLURM cluster: an elastic job (``launcher.nodes_min=1
-launcher.nodes=2``) starts on both nodes, one node is drained while it runs, SIGUSR1 makes it
-checkpoint and requeue itself, and the restarted attempt comes back on the one node left: it trains
-on 1 node instead of the configured 2 (one line), resumes the 2-rank ZeRO-2 checkpoint through the
-universal conversion (``resumed from 2 ranks onto 1``) and finishes. The exactness of that resume
-is tests/scale/test_elastic_resume.py's; this test is about SLURM giving the job fewer nodes.
+launcher.nodes=2``) submitted with xdyna-launch starts on both nodes, one node is drained while it
+runs, SIGUSR1 makes it checkpoint and requeue itself (same job id), and the restarted attempt comes
+back on the one node left: it trains on 1 node instead of the configured 2 (one line), resumes the
+2-rank ZeRO-2 checkpoint the signal wrote through the universal conversion (``resumed from 2 ranks
+onto 1``) and finishes with the same trainable weights as a local run that made the same change at
+the same step without SLURM: 2 ranks up to the preempted step, then the same run directory resumed
+on 1 rank (within tiny_run.WEIGHT_ATOL; the step after the resume moves them far more). So one job
+covers the preemption/requeue path and the node count SLURM gives back: what SLURM adds (the
+signal's checkpoint, the requeue, 2 nodes of 1 task each, the allocation the restart adopts) must
+change no weight. That the elastic resume itself carries the optimizer state exactly (the local
+chain goes through the same conversion) is tests/scale/test_elastic_resume.py's check against
+AdamW's recurrence; that a same-size resume ends like a never-stopped run is test_resume.py's.
 
 The pieces without a cluster (seconds): the node-range script and the allocation a task adopts,
 checked against Lightning's own SLURM validation."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from launch.cli import main as launch_main
+from xdyna.checkpoint_io import read_checkpoint
 from xdyna.train import checkpointing, elastic, slurm
 from xdyna.train.scaleout import adopt_slurm_allocation
 
 from .slurm_jobs import (JOB_TIME_LIMIT_MIN, JOB_TIMEOUT_S, diagnose, restarts, wait_requeued_and_completed,
                          wait_while_running)
-from .tiny_run import BIN, clean_env, tiny_overrides
+from .tiny_run import BIN, WEIGHT_ATOL, clean_env, max_weight_difference, tiny_overrides
 
 # The fewest steps that exercise it: step 1 is checkpointed and held (debug.hold_after_step, first
-# attempt only) until the signal, which checkpoints step 2 on 2 ranks; the restart trains step 3 on 1.
+# attempt only) until the signal, which checkpoints step 2 on 2 ranks; the restart trains step 3 on
+# 1 rank from the converted optimizer state, the step the weights are compared after.
 HOLD_AFTER_STEP = 1
 PREEMPTED_STEP = HOLD_AFTER_STEP + 1
 MAX_STEPS = PREEMPTED_STEP + 1
@@ -85,9 +98,21 @@ def test_task_trains_on_the_nodes_its_attempt_got(monkeypatch):
     assert adopt_slurm_allocation(kwargs) is None and kwargs == {"num_nodes": 3, "devices": 1}
 
 
+def _reference_chain(shards: Path, root: Path, cwd: Path) -> subprocess.Popen:
+    """The job's change made locally (no SLURM, no signal, no hold): 2 ranks train up to the step the
+    job is preempted at and end there, then the same run directory resumes on 1 rank (elastically,
+    from that step's checkpoint) to the end. One process group, so a failed test can end it whole."""
+    def train(devices: int, max_steps: int) -> str:
+        return shlex.join([str(BIN / "xdyna-train"), *tiny_overrides(shards, root, "reference", max_steps, every_n_steps=1),
+                           "checkpoint.export_at_end=false", f"trainer.devices={devices}"])
+
+    return subprocess.Popen(["bash", "-c", f"{train(2, PREEMPTED_STEP)} && {train(1, MAX_STEPS)}"], cwd=cwd, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_job_requeued_onto_fewer_nodes_resumes_elastically(slurm_cluster, shards, tmp_path):
+def test_job_requeued_onto_fewer_nodes_resumes_elastically_to_local_weights(slurm_cluster, shards, tmp_path):
     root = tmp_path / "runs"
     launched = subprocess.run(
         [str(BIN / "xdyna-launch"), "slurm", "--launcher", "slurm_cpu", "launcher.nodes=2", "launcher.nodes_min=1",
@@ -101,6 +126,8 @@ def test_job_requeued_onto_fewer_nodes_resumes_elastically(slurm_cluster, shards
     job_log = run_dir / "slurm" / f"slurm-{job_id}.out"
     checkpoints = run_dir / "checkpoints"
     assert "#SBATCH --nodes=1-2" in (run_dir / "slurm" / "job.sbatch").read_text()
+    # The reference trains meanwhile on this machine, as the job's two attempts do.
+    reference = _reference_chain(shards, root, tmp_path)
     try:
         wait_while_running(slurm_cluster, job_id, job_log, lambda: checkpointing.is_complete(
             checkpoints / checkpointing.checkpoint_name(HOLD_AFTER_STEP)), f"step-{HOLD_AFTER_STEP} checkpoint")
@@ -110,26 +137,55 @@ def test_job_requeued_onto_fewer_nodes_resumes_elastically(slurm_cluster, shards
         # A node lost while the job runs: it keeps running there (DRAINING), and the requeued job
         # can only start on the other one.
         slurm_cluster.run(["scontrol", "update", f"NodeName={DRAINED}", "State=DRAIN", "Reason=xdyna-elastic-test"])
+        # To the job steps' tasks, as SLURM's own --signal=SIGUSR1@<lead> does (not the batch shell).
         slurm_cluster.run(["scancel", "--signal=USR1", job_id])
         wait_requeued_and_completed(slurm_cluster, job_id, job_log)
+        reference_out, _ = reference.communicate(timeout=JOB_TIMEOUT_S)
     finally:
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+            reference.wait()
         # The cluster is shared by the session's other SLURM tests: leave no job and no drained node.
         slurm_cluster.run(["scancel", job_id], check=False)
         slurm_cluster.run(["scontrol", "update", f"NodeName={DRAINED}", "State=RESUME"], check=False)
+    assert reference.returncode == 0, reference_out[-3000:]
 
     log = job_log.read_text(errors="replace")
     if restarts(slurm_cluster, job_id) != 1 or f"xdyna: job {job_id} restart 1 on n1\n" not in log:
         raise diagnose(slurm_cluster, job_id, job_log, "expected exactly one requeue, back on n1 alone")
     first, restart = log.split(f"xdyna: job {job_id} restart 1", 1)
-    if not re.search(rf"-> checkpoint \S+ at step {PREEMPTED_STEP}; requeued SLURM job {job_id}", first):
-        raise diagnose(slurm_cluster, job_id, job_log, f"no step-{PREEMPTED_STEP} preemption line from rank 0")
+    preempted_checkpoint = checkpoints / checkpointing.checkpoint_name(PREEMPTED_STEP)
+    # Rank 0 reports the preemption; which rank's signal it names depends on which task SLURM
+    # signalled first (its own: SIGUSR1; else "a peer's signal"), so either is right.
+    preempted = re.search(r"(SIGUSR1|a peer's signal) -> checkpoint (\S+) at step (\d+); requeued SLURM job (\d+)", first)
+    if not preempted or (Path(preempted.group(2)), int(preempted.group(3)), preempted.group(4)) != (
+            preempted_checkpoint, PREEMPTED_STEP, job_id):
+        raise diagnose(slurm_cluster, job_id, job_log, f"no step-{PREEMPTED_STEP} '<signal> -> checkpoint ... requeued' "
+                                                       "line from rank 0")
     # The configured 2 nodes are what the first attempt got: no line there, one on the restart.
     shape = "xdyna-train: SLURM gave this job 1 node(s) x 1 task(s) per node; training on that instead of trainer.num_nodes=2"
     assert "SLURM gave this job" not in first and restart.count(shape) == 1, restart[-3000:]
     resumed = re.search(r"resumed_from\s+(\S+)", restart)
-    assert resumed and resumed.group(1) == str(checkpoints / checkpointing.checkpoint_name(PREEMPTED_STEP)), restart[-3000:]
+    assert resumed and Path(resumed.group(1)) == preempted_checkpoint, restart[-3000:]
     assert f"xdyna-train: resumed from 2 ranks onto 1 at step {PREEMPTED_STEP}" in restart, restart[-3000:]
     # Through DeepSpeed's universal checkpoint, and the 1-rank attempt wrote the final step.
-    assert checkpointing.is_complete(elastic.universal_path(checkpoints / checkpointing.checkpoint_name(PREEMPTED_STEP)))
-    final = checkpointing.read_metadata(checkpoints / checkpointing.checkpoint_name(MAX_STEPS))
-    assert (final["global_step"], final["world_size"]) == (MAX_STEPS, 1), final
+    assert checkpointing.is_complete(elastic.universal_path(preempted_checkpoint))
+    final = checkpointing.checkpoint_name(MAX_STEPS)
+    assert checkpointing.read_metadata(checkpoints / final)["world_size"] == 1
+    got, meta = read_checkpoint(checkpoints / final)
+    assert meta["global_step"] == MAX_STEPS
+
+    # The reference made the same change at the same step: same weights, step by step.
+    reference_checkpoints = root / "reference" / "checkpoints"
+    assert f"xdyna-train: resumed from 2 ranks onto 1 at step {PREEMPTED_STEP}" in reference_out, reference_out[-3000:]
+    assert checkpointing.read_metadata(reference_checkpoints / final)["world_size"] == 1
+    at_preemption = read_checkpoint(reference_checkpoints / checkpointing.checkpoint_name(PREEMPTED_STEP))[0]
+    worst = max_weight_difference(at_preemption, read_checkpoint(preempted_checkpoint)[0])
+    assert worst <= WEIGHT_ATOL, f"the signal's step-{PREEMPTED_STEP} checkpoint differs from the local run's by {worst}"
+    expected = read_checkpoint(reference_checkpoints / final)[0]
+    worst = max_weight_difference(expected, got)
+    assert worst <= WEIGHT_ATOL, f"the requeued job's final weights differ from the local elastic chain's by {worst}"
+    # The step after the elastic resume moved weights far beyond that tolerance, so a step on
+    # another batch, noise draw, learning rate or optimizer state could not pass.
+    moved = max_weight_difference(at_preemption, expected)
+    assert moved > 100 * WEIGHT_ATOL, f"the step after the resume moved weights by {moved} only"
