@@ -160,6 +160,15 @@ def test_optimizer_defaults_come_from_the_schema():
     assert OptimConfig.from_mapping({"lr": 3e-4}).warmup_steps == OptimConfig().warmup_steps
 
 
+@pytest.mark.parametrize("override, line", [
+    ("stage.optim.lr=0", "stage.optim.lr=0.0: must be a number > 0"),  # typed float by the schema
+    ("stage.optim.betas=[0.9]", "stage.optim.betas=[0.9]: must be two numbers in [0, 1)"),
+    ("stage.optim.warmup_steps=-1", "stage.optim.warmup_steps=-1: must be an integer >= 0"),
+])
+def test_a_bad_optimizer_value_is_one_line_naming_the_key(override, line):
+    assert config_rules.optim_is_valid(compose_train([override])) == [line]
+
+
 # ----------------------------------------------------------------------------- rules across groups
 
 RULE_CASES = [

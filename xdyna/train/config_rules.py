@@ -334,9 +334,20 @@ def ema_is_valid(cfg: DictConfig) -> list[str]:
     return []
 
 
+def optim_is_valid(cfg: DictConfig) -> list[str]:
+    """``stage.optim`` (:class:`~xdyna.train.stage_config.OptimConfig`), checked before a model is built."""
+    from .stage_config import OptimConfig
+
+    try:
+        OptimConfig.from_mapping(_plain(cfg, "stage.optim"))
+    except ConfigError as error:
+        return [str(error)]
+    return []
+
+
 CONFIG_RULES: list[Rule] = [keys_are_schema_fields, real_weights_given, shards_given, model_is_valid,
                             face_landmarks_switch_is_one, stage_trains_what_the_model_has,
-                            stage_conditions_fit_the_data, schedule_is_valid, ema_is_valid]
+                            stage_conditions_fit_the_data, schedule_is_valid, optim_is_valid, ema_is_valid]
 LAUNCH_RULES: list[Rule] = [gpu_launcher_runs_a_gpu_job, job_has_no_unset_values]
 ENVIRONMENT_RULES: list[Rule] = [accelerator_is_available, scene_clips_exist]
 
