@@ -114,21 +114,23 @@ def _reference_chain(shards: Path, root: Path, cwd: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_job_requeued_onto_fewer_nodes_resumes_elastically_to_local_weights(slurm_cluster, shards, tmp_path):
     root = tmp_path / "runs"
-    launched = subprocess.run(
-        [str(BIN / "xdyna-launch"), "slurm", "--launcher", "slurm_cpu", "launcher.nodes=2", "launcher.nodes_min=1",
-         f"launcher.time={JOB_TIME_LIMIT_MIN}", *tiny_overrides(shards, root, "elastic", MAX_STEPS, every_n_steps=1),
-         "checkpoint.export_at_end=false", f"debug.hold_after_step={HOLD_AFTER_STEP}"],
-        cwd=tmp_path, env=clean_env(slurm_cluster.env), capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    job_id = re.search(r"^job_id\s+(\d+)$", launched.stdout, re.M).group(1)
-    run_dir = root / "elastic"
-    job_log = run_dir / "slurm" / f"slurm-{job_id}.out"
-    checkpoints = run_dir / "checkpoints"
-    assert "#SBATCH --nodes=1-2" in (run_dir / "slurm" / "job.sbatch").read_text()
-    # The reference trains meanwhile on this machine, as the job's two attempts do.
+    # The reference trains meanwhile on this machine, as the job's two attempts do. Started first:
+    # its two start-ups in a row are the longer path (under load by ~40 s, what xdyna-launch takes).
     reference = _reference_chain(shards, root, tmp_path)
+    job_id = None
     try:
+        launched = subprocess.run(
+            [str(BIN / "xdyna-launch"), "slurm", "--launcher", "slurm_cpu", "launcher.nodes=2", "launcher.nodes_min=1",
+             f"launcher.time={JOB_TIME_LIMIT_MIN}", *tiny_overrides(shards, root, "elastic", MAX_STEPS, every_n_steps=1),
+             "checkpoint.export_at_end=false", f"debug.hold_after_step={HOLD_AFTER_STEP}"],
+            cwd=tmp_path, env=clean_env(slurm_cluster.env), capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+        )
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        job_id = re.search(r"^job_id\s+(\d+)$", launched.stdout, re.M).group(1)
+        run_dir = root / "elastic"
+        job_log = run_dir / "slurm" / f"slurm-{job_id}.out"
+        checkpoints = run_dir / "checkpoints"
+        assert "#SBATCH --nodes=1-2" in (run_dir / "slurm" / "job.sbatch").read_text()
         wait_while_running(slurm_cluster, job_id, job_log, lambda: checkpointing.is_complete(
             checkpoints / checkpointing.checkpoint_name(HOLD_AFTER_STEP)), f"step-{HOLD_AFTER_STEP} checkpoint")
         # With both nodes idle SLURM gives a node range its maximum.
@@ -146,7 +148,8 @@ def test_job_requeued_onto_fewer_nodes_resumes_elastically_to_local_weights(slur
             os.killpg(reference.pid, signal.SIGKILL)
             reference.wait()
         # The cluster is shared by the session's other SLURM tests: leave no job and no drained node.
-        slurm_cluster.run(["scancel", job_id], check=False)
+        if job_id is not None:
+            slurm_cluster.run(["scancel", job_id], check=False)
         slurm_cluster.run(["scontrol", "update", f"NodeName={DRAINED}", "State=RESUME"], check=False)
     assert reference.returncode == 0, reference_out[-3000:]
 
