@@ -131,6 +131,8 @@ def test_ctrl_c_saves_the_finished_step_and_the_resumed_run_keeps_the_metrics_hi
     assert "xdyna-train interrupted" in output and "resume_with" in output and "Traceback" not in output
     saved = max(int(p.name[5:11]) for p in checkpoints.glob("step=*.ckpt"))
     assert saved == 3  # the step that finished after the Ctrl-C, not only the periodic one before it
+    # A stopped stage renders no end-of-stage samples (the grace time before SIGKILL is the checkpoint's).
+    assert not list((tmp_path / "runs" / "ctrlc" / "samples").glob("*.mp4"))
     metrics = tmp_path / "runs" / "ctrlc" / "metrics" / "metrics.csv"
     assert {int(r["step"]) for r in read_rows(metrics) if r.get("train/loss")} >= set(range(saved))
 
@@ -138,6 +140,7 @@ def test_ctrl_c_saves_the_finished_step_and_the_resumed_run_keeps_the_metrics_hi
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"step={saved:06d}.ckpt" in second.stdout  # resumed from the Ctrl-C checkpoint
+    assert [p.name for p in (tmp_path / "runs" / "ctrlc" / "samples").glob("*.mp4")] == [f"step{saved + 2:07d}_rank0.mp4"]
     logged = {int(r["step"]) for r in read_rows(metrics) if r.get("train/loss")}
     # The first run's rows survive the resume, and the resumed run's last step is logged although
     # it is shorter than its logging interval.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -55,7 +55,11 @@ class SampleVideoCallback(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 0, num_inference_steps: int = 10, max_samples: int = 2, fps: float = 8.0, seed: int = 0,
-                 lpips_net=None, face_detector=None, weights: str = "ema"):
+                 lpips_net=None, face_detector=None, weights: str = "ema", stopped_early: Callable[[], bool] | None = None):
+        # Whether the stage was cut short (preempted, requeued, Ctrl-C): then no end-of-stage
+        # samples, the job's grace time before SIGKILL is the checkpoint's, and the resumed run
+        # renders the real end of the stage.
+        self.stopped_early = stopped_early or (lambda: False)
         self.weights = weights  # "ema" (when the run keeps one) or "raw": see xdyna.train.ema.sampling_weights
         # Optional metric models for validation_metrics: None skips LPIPS / Face-Det.
         self.lpips_net = lpips_net
@@ -81,6 +85,8 @@ class SampleVideoCallback(L.Callback):
             self.render(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.stopped_early():
+            return
         if self.rendered_at_step != trainer.global_step:  # the last step's samples may exist already
             self.render(trainer, pl_module)
 

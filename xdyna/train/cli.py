@@ -192,6 +192,7 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
         weights=OmegaConf.select(cfg, "samples.weights", default="ema"),
         face_detector=_face_detector() if OmegaConf.select(cfg, "samples.face_det", default=False) else None,
         lpips_net=_lpips_net(lpips_weights) if (lpips_weights := OmegaConf.select(cfg, "samples.lpips_weights")) else None,
+        stopped_early=lambda: scaleout.preemption.preempted,
     )
     resume_step = next((entry.step for entry in list_complete_checkpoints(scaleout.checkpoint_dir)
                         if entry.path == scaleout.resume_from), 0)
