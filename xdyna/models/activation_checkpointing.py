@@ -25,7 +25,7 @@ describe another UNet call by the time backward runs.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -50,26 +50,32 @@ _BLOCK_TYPES = {"resnets": (ResnetBlock2D,), "attentions": (Transformer2DModel,)
 _NETWORK_BLOCKS = (ResnetBlock2D, Transformer2DModel)
 
 
+def resolve_kinds(value: Any, key: str, policies: dict[str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:
+    """``(name, kinds)`` of a per-block-kind setting (``key`` names it in errors): a policy name of
+    ``policies``, one kind or a list of kinds (named after the policy with the same kinds, else
+    ``kind+kind``). Shared by ``model.activation_checkpointing`` and ``model.compile``."""
+    if isinstance(value, str):
+        if value in policies:
+            return value, policies[value]
+        if value not in KINDS:
+            raise ConfigError(f"{key}={value!r}: choose a policy {tuple(policies)} or a list of block kinds {KINDS}")
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(kind, str) for kind in value):
+        raise ConfigError(f"{key}={value!r}: expected a policy name {tuple(policies)} or a list of block kinds {KINDS}")
+    unknown = [kind for kind in value if kind not in KINDS]
+    if unknown:
+        raise ConfigError(f"{key}: unknown block kind(s) {unknown}; known: {KINDS} (or a policy: {tuple(policies)})")
+    kinds = tuple(kind for kind in KINDS if kind in value)
+    names = [name for name, members in policies.items() if members == kinds and name != "diffusers"]
+    return (names[0] if names else "+".join(kinds)), kinds
+
+
 def resolve_policy(value: Any, gradient_checkpointing: bool = False) -> tuple[str, tuple[str, ...]]:
     """``(name, kinds)`` of ``model.activation_checkpointing``: a policy name, a list of kinds, or
     None (then ``gradient_checkpointing`` decides between ``diffusers`` and ``none``)."""
-    key = "model.activation_checkpointing"
     if value is None:
         return ("diffusers", ()) if gradient_checkpointing else ("none", ())
-    if isinstance(value, str):
-        if value in POLICIES:
-            return value, POLICIES[value]
-        if value not in KINDS:
-            raise ConfigError(f"{key}={value!r}: choose a policy {tuple(POLICIES)} or a list of block kinds {KINDS}")
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(kind, str) for kind in value):
-        raise ConfigError(f"{key}={value!r}: expected a policy name {tuple(POLICIES)} or a list of block kinds {KINDS}")
-    unknown = [kind for kind in value if kind not in KINDS]
-    if unknown:
-        raise ConfigError(f"{key}: unknown block kind(s) {unknown}; known: {KINDS} (or a policy: {tuple(POLICIES)})")
-    kinds = tuple(kind for kind in KINDS if kind in value)
-    names = [name for name, members in POLICIES.items() if members == kinds and name != "diffusers"]
-    return (names[0] if names else "+".join(kinds)), kinds
+    return resolve_kinds(value, "model.activation_checkpointing", POLICIES)
 
 
 class _CheckpointedBlock:
@@ -94,32 +100,70 @@ class _CheckpointedBlock:
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _checkpointed_class(cls: type) -> type:
-    if issubclass(cls, _CheckpointedBlock):
-        return cls
-    if cls not in _SUBCLASSES:
+def swap_class(module: nn.Module, mixin: type, prefix: str) -> bool:
+    """Place ``mixin`` before the class of ``module`` (in place: parameter names and state dicts
+    stay the same, a deep copy keeps it); False when it is there already. Also used by compile.py."""
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return False
+    if (mixin, cls) not in _SUBCLASSES:
         # A module-level name so that pickling a model (torch.save of a whole module) finds it.
-        name = f"Checkpointed{cls.__name__}"
-        subclass = type(name, (_CheckpointedBlock, cls), {"__module__": __name__})
+        name = f"{prefix}{cls.__name__}"
+        subclass = type(name, (mixin, cls), {"__module__": __name__})
         globals()[name] = subclass
-        _SUBCLASSES[cls] = subclass
-    return _SUBCLASSES[cls]
+        _SUBCLASSES[mixin, cls] = subclass
+    module.__class__ = _SUBCLASSES[mixin, cls]
+    return True
 
 
 def _wrap(module: nn.Module, layout: FrameLayout | None) -> bool:
-    if isinstance(module, _CheckpointedBlock):
+    if not swap_class(module, _CheckpointedBlock, "Checkpointed"):
         return False
-    module.__class__ = _checkpointed_class(type(module))
     module._checkpoint_layout = layout
     return True
 
 
-def _blocks(network: nn.Module, types: tuple[type, ...]) -> Iterable[nn.Module]:
+def _blocks(network: nn.Module, types: tuple[type, ...]) -> list[nn.Module]:
     # The kinds do not nest: motion modules hold BasicTransformerBlocks, not Transformer2DModels.
     return [module for module in network.modules() if isinstance(module, types)]
+
+
+def _networks(model: nn.Module) -> dict[str, nn.Module | None]:
+    return {"pose_controlnet": model.pose_controlnet, "face_controlnet": model.face_controlnet,
+            "reference_net": model.reference_net}
+
+
+def blocks_of_kind(model: nn.Module, kind: str, key: str | None = None) -> list[nn.Module]:
+    """The blocks of ``kind`` in an :class:`~xdyna.models.XDynaModel`. A network this variant
+    lacks has none; with ``key`` (a list that names the kind explicitly) that is a ConfigError
+    naming ``key``."""
+    if kind in UNET_KINDS:
+        return _blocks(model.unet, _BLOCK_TYPES[kind])
+    network = _networks(model)[kind]
+    if network is None:
+        if key is not None:
+            raise ConfigError(f"{key}: {kind!r} is not part of this model "
+                              f"(model.face={model.config.face!r}, model.reference={model.config.reference!r})")
+        return []
+    return _blocks(network, _NETWORK_BLOCKS)
+
+
+def blocks_by_kind(model: nn.Module, name: str, kinds: tuple[str, ...], policies: dict, key: str) -> dict[str, list[nn.Module]]:
+    """The blocks of each of ``kinds`` (resolved by :func:`resolve_kinds` as ``name``): a policy
+    name covers the networks this variant has; an explicit list must name existing ones (else a
+    ConfigError naming ``key``)."""
+    explicit = None if name in policies else key
+    return {kind: blocks_of_kind(model, kind, explicit) for kind in kinds
+            if not (kind in NETWORK_KINDS and _networks(model)[kind] is None and explicit is None)}
+
+
+def count_blocks(model: nn.Module, chosen) -> dict[str, int]:
+    """Blocks of each kind for which ``chosen(block)`` holds (kinds with none left out)."""
+    counts = {kind: sum(bool(chosen(block)) for block in blocks_of_kind(model, kind)) for kind in KINDS}
+    return {kind: count for kind, count in counts.items() if count}
 
 
 def apply_activation_checkpointing(model: nn.Module, value: Any, gradient_checkpointing: bool = False) -> dict[str, int]:
@@ -129,38 +173,17 @@ def apply_activation_checkpointing(model: nn.Module, value: Any, gradient_checkp
     Any policy other than ``diffusers`` switches diffusers' own flags off, so no block is
     checkpointed twice."""
     name, kinds = resolve_policy(value, gradient_checkpointing)
-    explicit = name not in POLICIES
-    networks = {"pose_controlnet": model.pose_controlnet, "face_controlnet": model.face_controlnet,
-                "reference_net": model.reference_net}
     if name != "diffusers":
-        for network in (model.unet, *networks.values()):
+        for network in (model.unet, *_networks(model).values()):
             if network is not None:
                 network.disable_gradient_checkpointing()
     counts: dict[str, int] = {}
-    for kind in kinds:
-        if kind in UNET_KINDS:
-            blocks = _blocks(model.unet, _BLOCK_TYPES[kind])
-            layout = model.frame_layout
-        else:
-            network = networks[kind]
-            if network is None and explicit:
-                raise ConfigError(f"model.activation_checkpointing: {kind!r} is not part of this model "
-                                  f"(model.face={model.config.face!r}, model.reference={model.config.reference!r})")
-            if network is None:  # a policy name covers the networks this variant has
-                continue
-            blocks = _blocks(network, _NETWORK_BLOCKS)
-            layout = None
+    for kind, blocks in blocks_by_kind(model, name, kinds, POLICIES, "model.activation_checkpointing").items():
+        layout = model.frame_layout if kind in UNET_KINDS else None
         counts[kind] = sum(_wrap(block, layout) for block in blocks)
     return counts
 
 
 def checkpointed_kinds(model: nn.Module) -> dict[str, int]:
     """Blocks currently wrapped, per kind (for reports and tests)."""
-    counts = dict.fromkeys(KINDS, 0)
-    for kind in UNET_KINDS:
-        counts[kind] = sum(isinstance(m, _CheckpointedBlock) for m in _blocks(model.unet, _BLOCK_TYPES[kind]))
-    for kind, network in (("pose_controlnet", model.pose_controlnet), ("face_controlnet", model.face_controlnet),
-                          ("reference_net", model.reference_net)):
-        if network is not None:
-            counts[kind] = sum(isinstance(m, _CheckpointedBlock) for m in _blocks(network, _NETWORK_BLOCKS))
-    return {kind: count for kind, count in counts.items() if count}
+    return count_blocks(model, lambda block: isinstance(block, _CheckpointedBlock))

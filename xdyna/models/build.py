@@ -263,6 +263,10 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu") -> XDyn
         from .activation_checkpointing import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, config.activation_checkpointing, config.gradient_checkpointing)
+    if config.compile is not None:  # torch.compile per block kind, after checkpointing (compile.py)
+        from .compile import apply_compile
+
+        apply_compile(model, config.compile)
     model.requires_grad_(False)
     if not meta:
         _load_artifacts(model, config)

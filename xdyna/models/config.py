@@ -77,6 +77,8 @@ class ModelConfig:
     # Which blocks recompute their activations in backward (activation_checkpointing.py): a policy
     # (none, diffusers, unet, all) or a list of block kinds; null: gradient_checkpointing decides.
     activation_checkpointing: Any = None
+    # Which blocks run under torch.compile (compile.py): none, unet, all or a list of block kinds (null: none).
+    compile: Any = None
     pose_conditioning_scale: float = 1.0
     face_conditioning_scale: float = 1.0
     vae_chunk_size: int = 16  # frames per VAE encode/decode call, bounds activation memory
@@ -160,6 +162,9 @@ class ModelConfig:
         from .activation_checkpointing import resolve_policy
 
         resolve_policy(self.activation_checkpointing, self.gradient_checkpointing)  # one line naming a bad kind
+        from .compile import resolve_compile
+
+        resolve_compile(self.compile)
 
         def choose(key: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:

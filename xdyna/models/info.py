@@ -213,14 +213,21 @@ def training_flops(model: XDynaModel, conditions: list[str], frames: int, height
     return {**flops, "training": sum(flops.values())}
 
 
+def sizing_config(model_config: ModelConfig, **changes) -> ModelConfig:
+    """The config a meta-device sizing run builds (FLOP count, memory prediction): ``changes``
+    applied and blocks eager. Compiled blocks run the same operations (the same FLOPs); what
+    torch.compile's fusion would save in memory is not modelled, so the prediction is the eager one."""
+    return replace(model_config, compile=None, **changes)
+
+
 def training_flops_pair(model_config: ModelConfig, trainable: list[str], conditions: list[str], frames: int,
                         height: int, width: int) -> dict[str, int]:
     """Training FLOPs of one sample, twice: ``model`` (the math, no recompute: what model-FLOPs
     MFU counts) and ``hardware`` (what the GPU executes: the configured activation checkpointing
     recomputes its blocks' forward in backward). Both counted on meta-device models."""
     counts = {}
-    for key, config in (("model", replace(model_config, gradient_checkpointing=False, activation_checkpointing=None)),
-                        ("hardware", model_config)):
+    for key, config in (("model", sizing_config(model_config, gradient_checkpointing=False, activation_checkpointing=None)),
+                        ("hardware", sizing_config(model_config))):
         model = build_model(config, device="meta")
         model.set_trainable(trainable)
         counts[key] = training_flops(model, conditions, frames, height, width)["training"]
@@ -260,14 +267,15 @@ def describe_job(
 
     if height % 8 or width % 8:
         raise ConfigError(f"height x width {height}x{width}: both must be multiples of 8 (VAE)")
-    config = replace(model_config, gradient_checkpointing=False)  # count model FLOPs, not recomputation
+    # Count model FLOPs, not recomputation.
+    config = sizing_config(model_config, gradient_checkpointing=False, activation_checkpointing=None)
     model = build_model(config, device="meta")
     model.set_trainable(trainable)
     counts = parameter_counts(model)
     flops = training_flops(model, conditions, frames, height, width)
     flops["unet_forward_per_frame"] = sd_unet_forward_flops(config.flavour, height // 8, width // 8, "analytic")
     # What the GPU executes: the checkpointing policy's recompute on top (hardware-FLOPs MFU).
-    policy_config = model_config if checkpointing is None else replace(model_config, activation_checkpointing=checkpointing)
+    policy_config = sizing_config(model_config) if checkpointing is None else sizing_config(model_config, activation_checkpointing=checkpointing)
     hardware = build_model(policy_config, device="meta")
     hardware.set_trainable(trainable)
     flops["training_with_recompute"] = training_flops(hardware, conditions, frames, height, width)["training"]

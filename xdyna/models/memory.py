@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from dataclasses import replace
 from functools import partial
 from typing import Any, Iterator
 
@@ -219,7 +218,7 @@ def step_memory(
     Returns the weights (all, replicated), the step's peak of activations + gradients +
     temporaries, per phase, and the gradients alive at the end."""
     from . import build_model
-    from .info import run_training_step
+    from .info import run_training_step, sizing_config
 
     if autocast_policy not in ("cuda", "cpu"):
         raise ConfigError(f"autocast_policy {autocast_policy!r}: cuda or cpu")
@@ -232,7 +231,7 @@ def step_memory(
     policy_value = model_config.activation_checkpointing if checkpointing is None else checkpointing
     policy, kinds = resolve_policy(policy_value, model_config.gradient_checkpointing)
     # The policy is applied here (not by the build), so an explicit ``checkpointing`` replaces the config's.
-    config = replace(model_config, gradient_checkpointing=policy == "diffusers", activation_checkpointing=None)
+    config = sizing_config(model_config, gradient_checkpointing=policy == "diffusers", activation_checkpointing=None)
     model = build_model(config, device="meta")
     model.set_trainable(trainable)
     # A policy name covers the networks this variant has; an explicit list must name existing ones.

@@ -345,9 +345,21 @@ def optim_is_valid(cfg: DictConfig) -> list[str]:
     return []
 
 
+def compile_fits_the_engine(cfg: DictConfig) -> list[str]:
+    """``model.compile`` under DeepSpeed ZeRO-3 is refused (xdyna/models/compile.py says why)."""
+    from ..models.compile import engine_refusal
+
+    model = _model(cfg)
+    if model is None or _select(cfg, "trainer.strategy.kind", "") not in ("deepspeed", "deepspeed_cpu"):
+        return []
+    line = engine_refusal(model.compile, int(_select(cfg, "trainer.strategy.zero_stage", 2)))
+    return [line] if line else []
+
+
 CONFIG_RULES: list[Rule] = [keys_are_schema_fields, real_weights_given, shards_given, model_is_valid,
                             face_landmarks_switch_is_one, stage_trains_what_the_model_has,
-                            stage_conditions_fit_the_data, schedule_is_valid, optim_is_valid, ema_is_valid]
+                            stage_conditions_fit_the_data, schedule_is_valid, optim_is_valid, ema_is_valid,
+                            compile_fits_the_engine]
 LAUNCH_RULES: list[Rule] = [gpu_launcher_runs_a_gpu_job, job_has_no_unset_values]
 ENVIRONMENT_RULES: list[Rule] = [accelerator_is_available, scene_clips_exist]
 

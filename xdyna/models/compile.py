@@ -1,0 +1,115 @@
+"""``torch.compile`` per block kind (``model.compile``).
+
+The same kinds as activation checkpointing (:mod:`xdyna.models.activation_checkpointing`): the video
+UNet's ``resnets``, ``attentions`` (spatial transformers with the reference path) and ``motion``
+modules, and each ControlNet's / the ReferenceNet's blocks; policies ``none``, ``unet`` (resnets,
+attentions, motion) and ``all``. Each chosen block, not the whole model, runs its ``forward``
+through ``torch.compile``: the graphs stay small (a block, not a UNet with Python control flow
+between reference pass, ControlNets and frame layouts), and a block that also checkpoints is
+compiled with its checkpoint inside (torch traces the non-reentrant ``torch.utils.checkpoint`` as
+one region its partitioner recomputes in backward). The block's class is swapped in place, as
+activation checkpointing does (parameter names and state dicts stay the same, a deep copy keeps
+it), and its ``forward`` is what is compiled (not ``nn.Module.compile``'s whole call): hooks on the
+block itself (DeepSpeed's, a profiler's) run outside the graph.
+
+Engines: plain torch / DDP and DeepSpeed ZeRO-2 (its gradient hooks run after the compiled
+backward of a block, outside any graph). Not ZeRO-3: it gathers and releases every submodule's
+partitioned parameters in forward hooks that DeepSpeed excludes from compilation
+(``torch.compiler.disable``), so every Linear/Conv/Norm inside a block would end a graph, and the
+parameters a graph sees change shape between gather and release; DeepSpeed's own route is its
+DeepCompile engine pass, which its release notes mark unsupported for ZeRO-3 on torch >= 2.9.
+:func:`engine_refusal` names this for the config rule.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activation_checkpointing import KINDS, UNET_KINDS, blocks_by_kind, count_blocks, resolve_kinds, swap_class
+
+KEY = "model.compile"
+POLICIES: dict[str, tuple[str, ...]] = {"none": (), "unet": UNET_KINDS, "all": KINDS}
+# Compiled graphs a block may need: training and inference (grad mode is guarded), the frame
+# layout's three modes (reference, generate, joint: the motion modules branch on it), and a second
+# compile when a size first changes (torch then marks it dynamic). Blocks of one class share one
+# code object, whose cache torch caps at 8 entries (recompile_limit) before running it eagerly.
+GRAPHS_PER_BLOCK = 2 * 3 * 2
+
+
+def resolve_compile(value: Any) -> tuple[str, tuple[str, ...]]:
+    """``(name, kinds)`` of ``model.compile``: null or a policy name, one kind or a list of kinds."""
+    return ("none", ()) if value is None else resolve_kinds(value, KEY, POLICIES)
+
+
+class _CompiledBlock:
+    """Mixin placed before a block's class: its ``forward`` (the next class's: the block's own or
+    the checkpointing mixin's) runs through ``torch.compile`` with the block's backend."""
+
+    _compile_backend: str
+
+    def forward(self, *args, **kwargs):
+        return _compiled(super().forward.__func__, self._compile_backend)(self, *args, **kwargs)
+
+
+@functools.cache
+def _compiled(forward, backend: str):
+    # One compiled callable per (function, backend): blocks of a class share torch's code cache anyway.
+    return torch.compile(forward, backend=backend)
+
+
+def compile_block(block: nn.Module, backend: str = "inductor") -> bool:
+    """Compile one block in place (on its first call); False when it is compiled already. A
+    checkpointed block keeps its checkpoint inside the compiled region (checkpointing applied
+    after compiling puts it outside; both are equal, tests/models/test_compile.py)."""
+    if not swap_class(block, _CompiledBlock, "Compiled"):
+        return False
+    block._compile_backend = backend
+    return True
+
+
+def is_compiled(block: nn.Module) -> bool:
+    return isinstance(block, _CompiledBlock)
+
+
+def apply_compile(model: nn.Module, value: Any, backend: str = "inductor") -> dict[str, int]:
+    """Compile the blocks of the kinds ``value`` names (:func:`resolve_compile`) in an
+    :class:`~xdyna.models.XDynaModel`; returns how many blocks of each kind were compiled.
+
+    Nothing is compiled here: torch compiles a block on its first call. Either order with
+    activation checkpointing works: applied first (as build_model does), the checkpoint runs
+    inside the compiled region; applied after, it wraps the compiled forward."""
+    name, kinds = resolve_compile(value)
+    counts: dict[str, int] = {}
+    for kind, blocks in blocks_by_kind(model, name, kinds, POLICIES, KEY).items():
+        counts[kind] = sum(compile_block(block, backend) for block in blocks)
+    _raise_recompile_limits(sum(count_blocks(model, is_compiled).values()))
+    return counts
+
+
+def _raise_recompile_limits(blocks: int) -> None:
+    """Room in torch's compile caches for every compiled block (see GRAPHS_PER_BLOCK); past the
+    limits torch would silently run the blocks eagerly. Never lowers a limit set elsewhere."""
+    config = torch._dynamo.config
+    needed = blocks * GRAPHS_PER_BLOCK
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+
+
+def compiled_kinds(model: nn.Module) -> dict[str, int]:
+    """Compiled blocks per kind (for reports and tests)."""
+    return count_blocks(model, is_compiled)
+
+
+def engine_refusal(value: Any, zero_stage: int | None) -> str | None:
+    """Why ``model.compile=value`` cannot run under DeepSpeed ZeRO ``zero_stage`` (None: not
+    DeepSpeed), or None when it can. One line, for the config rule."""
+    name, kinds = resolve_compile(value)
+    if not kinds or zero_stage != 3:
+        return None
+    return (f"{KEY}={name} does not work with DeepSpeed ZeRO-3 (its per-submodule parameter gather/release hooks are "
+            f"excluded from torch.compile: a graph break at every layer, and partitioned parameters change shape "
+            f"between calls): use trainer/strategy=deepspeed_zero2 or ddp, or set {KEY}=none")
