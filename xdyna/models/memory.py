@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import ConfigError
 from .activation_checkpointing import POLICIES, apply_activation_checkpointing, resolve_policy
 from .config import ModelConfig
+from .xdyna_model import XDynaModel
 
 GIB = 1024**3
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
@@ -270,6 +271,49 @@ def step_memory(
         "gradient_bytes": gradients,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+
+
+def vae_encode_memory(model_config: ModelConfig, frames: int, height: int, width: int, batch: int = 1,
+                      dtype: torch.dtype = torch.float32, fake: bool = True, block: int = CUDA_BLOCK_BYTES) -> dict[str, int]:
+    """Peak bytes of the frozen VAE encode of a ``(batch, frames)`` clip (``model.encode_video``:
+    chunks of ``vae_chunk_size`` frames under no_grad), above the weights and the input video,
+    counted by :class:`LiveTensorMemory`. ``fake``: on fake tensors at any size (no data, no
+    memory; the VAE alone is built, in ``dtype``); else for real on the CPU in float32 (small
+    sizes, to check the fake run).
+    Returns the peak, the latents' bytes (what the encode hands on), the bytes still alive after
+    it (the latents alone when nothing else is kept) and whether the latents carry an autograd
+    graph (the VAE's own parameters require grad here, as a freshly built module's do)."""
+    from diffusers import AutoencoderKL
+
+    from .flavours import get_flavour
+
+    with torch.device("meta" if fake else "cpu"):
+        vae = AutoencoderKL(**get_flavour(model_config.flavour).vae)
+    fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    if fake:
+        _fake_copy(vae, fake_mode, dtype)
+    with fake_mode:
+        video = torch.zeros(batch, frames, 3, height, width, dtype=dtype)
+    # The model's own encode path (chunking, no_grad, posterior sample, scaling), on a stand-in
+    # that holds nothing but the VAE and the config.
+    holder = _VAEOnly(vae, model_config)
+    tracker = LiveTensorMemory(block, existing=[*vae.parameters(), *vae.buffers(), video])
+    with fake_mode, tracker:
+        latents = holder.encode_video(video)
+    return {"peak_bytes": tracker.peak, "latents_bytes": _rounded(latents, block), "alive_after_bytes": tracker.current,
+            "vae_chunk_size": model_config.vae_chunk_size, "has_graph": latents.grad_fn is not None}
+
+
+class _VAEOnly(torch.nn.Module):
+    """The model's own encode path (chunking, no_grad, posterior sample, scaling) over the VAE alone."""
+
+    vae_scale = XDynaModel.vae_scale
+    encode_images = XDynaModel.encode_images
+    encode_video = XDynaModel.encode_video
+
+    def __init__(self, vae: torch.nn.Module, config: ModelConfig):
+        super().__init__()
+        self.vae, self.config = vae, config
 
 
 def _rounded(t: torch.Tensor, block: int) -> int:
