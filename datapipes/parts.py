@@ -11,6 +11,12 @@ record ``DIR/parts/part-0000i.json`` atomically. Hence:
 * a part killed at any point has no record: its rerun removes its staging folders and any of
   its shards already moved into ``DIR``, and packs its slice again from scratch; nothing of the
   killed attempt survives, so no sample is duplicated or lost;
+* two copies of one part (the same array task submitted twice, a rerun started while the first
+  still runs) cannot both run: a part holds an exclusive lock on ``DIR/.parts/part-0000i.lock``
+  (``flock``; the kernel drops it when its process dies, so a killed part leaves no stale lock;
+  a finished part removes the file),
+  and a second copy stops with one line naming the holder's host, pid and SLURM job instead of
+  removing the first one's work;
 * a reader that goes through the index (:mod:`datapipes.index`) sees only shards of finished
   parts; one that globs ``DIR`` may see a part's shards between their rename and its record,
   always whole shards, never a partial one.
@@ -22,6 +28,8 @@ the same rule a single pack applies, so parts never collide.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -142,7 +150,7 @@ def _remove_leftovers(out_dir: str, part: int, prefix: str) -> list[str]:
     staging = os.path.join(out_dir, STAGING)
     if os.path.isdir(staging):
         for name in sorted(os.listdir(staging)):
-            if name.startswith(part_name(part) + "."):
+            if name.startswith(part_name(part) + ".") and name != os.path.basename(_lock_path(out_dir, part)):
                 shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
                 removed.append(os.path.join(STAGING, name))
     own = f"{prefix}-{part:05d}-"
@@ -207,14 +215,68 @@ def run_part(items: list[PackItem], out_dir: str, settings: PartSettings, part: 
         "removed_leftovers": removed})
 
 
+class PartBusyError(RuntimeError):
+    """Another process is running this part now."""
+
+
+def _lock_path(out_dir: str, part: int) -> str:
+    # Removed only by the holder, after the part's record is written (see _release_part).
+    return os.path.join(out_dir, STAGING, f"{part_name(part)}.lock")
+
+
+# Part locks this process holds, by lock path: released by end_part (or by the process's exit).
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def _claim_part(out_dir: str, part: int) -> None:
+    """Take part ``part``'s exclusive lock (see the module docstring), or raise PartBusyError
+    naming its holder."""
+    from xdyna.train.slurm import slurm_job_id  # the one reader of SLURM's job id (stdlib only)
+
+    path = _lock_path(out_dir, part)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _release_part(path)  # an earlier attempt in this process that raised before end_part
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        raise PartBusyError(f"part {part} of {out_dir} is being written by another process ({holder}); "
+                            "not starting a second copy (it would remove that one's work)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": slurm_job_id()}).encode(), 0)
+    _HELD_LOCKS[path] = fd
+
+
+def _release_part(path: str, finished: bool = False) -> None:
+    fd = _HELD_LOCKS.pop(path, None)
+    if fd is None:
+        return
+    if finished:
+        # Only once the part's record exists: a copy that locks a fresh file after this finds
+        # the record under its lock and skips, whichever inode it locked.
+        os.unlink(path)
+    os.close(fd)  # closing the descriptor drops its flock
+
+
 def begin_part(out_dir: str, plan: dict, part: int) -> tuple[dict | None, list[str], str]:
     """Start part ``part`` of ``plan`` (a pack's, or an encode's: datapipes.latents) in ``out_dir``:
     ``(its record with skipped: True, [], "")`` when it is finished already, else ``(None, the
-    leftovers of a killed attempt it removed, a fresh staging folder)``."""
+    leftovers of a killed attempt it removed, a fresh staging folder)``, holding the part's lock
+    until :func:`end_part` (:class:`PartBusyError` when another process holds it)."""
     os.makedirs(out_dir, exist_ok=True)
     ensure_plan(out_dir, plan)
     record = read_record(out_dir, part)
     if record is not None and record.get("fingerprint") == plan["fingerprint"]:
+        return dict(record, skipped=True), [], ""
+    _claim_part(out_dir, part)
+    # Under the lock: a copy that finished while this one waited to start leaves its record.
+    record = read_record(out_dir, part)
+    if record is not None and record.get("fingerprint") == plan["fingerprint"]:
+        _release_part(_lock_path(out_dir, part), finished=True)
         return dict(record, skipped=True), [], ""
     removed = _remove_leftovers(out_dir, part, plan["prefix"])
     staging = os.path.join(out_dir, STAGING, f"{part_name(part)}.{socket.gethostname()}.{os.getpid()}")
@@ -242,4 +304,5 @@ def end_part(out_dir: str, plan: dict, part: int, urls: list[str], staging: str,
     os.makedirs(os.path.join(out_dir, PARTS), exist_ok=True)
     write_bytes_atomic(record_path(out_dir, part), json.dumps(record, indent=1, allow_nan=False).encode())
     shutil.rmtree(staging, ignore_errors=True)
+    _release_part(_lock_path(out_dir, part), finished=True)
     return dict(record, skipped=False)
