@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
 from xdyna.errors import XDynaUserError
 from xdyna.train import config_rules, slurm
@@ -34,17 +35,6 @@ def _compose(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def _count(job, key: str, optional: bool = False) -> int | None:
-    """``launcher.<key>`` as an int; a value that is none is one error naming the key."""
-    value = job.get(key)
-    if value is None and optional:  # also a launcher config written before the key existed
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise slurm.LaunchError(f"launcher.{key}={value!r} is not a whole number") from None
-
-
 def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.LaunchPlan:
     """Compose the run's config and derive the job: run id, run directory, sbatch header."""
     # The launcher group is not in train.yaml's defaults (xdyna-train never needs it): append it.
@@ -54,24 +44,8 @@ def plan_slurm_launch(overrides: list[str], launcher: str = "slurm") -> slurm.La
     run_id = slurm.check_run_id(given[-1] if given else slurm.stable_run_id(experiment, overrides))
     os.environ["XDYNA_RUN_ID"] = run_id  # what ${run.id} resolves to in the job, too
     cfg = _compose([o for o in overrides if not o.startswith("run.id=")] + [f"run.id={run_id}"])
-    job = cfg.launcher
-    spec = slurm.SlurmJobSpec(
-        job_name=f"xdyna-{run_id}",
-        nodes=_count(job, "nodes"),
-        nodes_min=_count(job, "nodes_min", optional=True),  # null: exactly `nodes`
-        tasks_per_node=_count(job, "devices_per_node"),
-        gpus_per_node=_count(job, "devices_per_node") if job.request_gpus else 0,
-        cpus_per_task=job.cpus_per_task,
-        mem=job.mem,
-        time=str(job.time),
-        partition=job.partition,
-        account=job.account,
-        qos=job.qos,
-        signal_lead_s=_count(job, "signal_lead_s"),
-        requeue=bool(job.requeue),
-        extra_directives=tuple(job.extra_directives),
-        setup=tuple(job.setup),
-    )
+    launcher = slurm.LauncherConfig(**OmegaConf.to_container(cfg.launcher, resolve=True))  # typed by its schema
+    spec = launcher.job_spec(f"xdyna-{run_id}")
     spec.validate()  # the job shape's own errors first: they name a launcher key
     # What the job would refuse on its node after the queue wait, and GPU nodes it would not use.
     config_rules.check(cfg, config_rules.CONFIG_RULES + config_rules.LAUNCH_RULES)

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from datapipes.loader import ClipLoaderConfig
 from ..diffusion import ScheduleConfig
 from ..models.config import ModelConfig
+from .slurm import LauncherConfig
 from .stage_config import StageConfig
 
 # ----------------------------------------------------------------------------- the top level
@@ -109,12 +110,13 @@ class TrainConfig:
 # no selectable option of the groups they describe (``model=...`` lists only the files).
 SCHEMA_GROUP = "schema"
 # Config group -> the dataclass that is its schema and holds its defaults. The groups without one
-# (trainer, logger, launcher) pass their keys to Lightning, W&B or SLURM as written.
+# (trainer, logger) pass their keys to Lightning or W&B as written.
 SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
     "data": ClipLoaderConfig,
     "schedule": ScheduleConfig,
     "stage": StageConfig,
+    "launcher": LauncherConfig,
 }
 # The primary config's schema, ``/schema/train`` (the first entry of conf/train.yaml's defaults).
 TRAIN = "train"

@@ -47,6 +47,38 @@ class LaunchError(ValueError):
     """A launch request that cannot become a valid job; the message says which setting."""
 
 
+@dataclass
+class LauncherConfig:
+    """The ``launcher`` config group (``conf/launcher/``, added by ``xdyna-launch``): the job's
+    shape, and the schema of those files (:mod:`xdyna.train.schema`), which hold only what differs.
+    ``trainer.num_nodes`` and ``trainer.devices`` are set from ``nodes`` / ``devices_per_node``
+    (Lightning under SLURM: one task per device, started by srun)."""
+
+    nodes: int = 1
+    nodes_min: int | None = None      # elastic: --nodes=<nodes_min>-<nodes>; a requeue may come back on fewer nodes
+    devices_per_node: int = 8         # = tasks per node = GPUs per node
+    request_gpus: bool = True         # ask SLURM for devices_per_node GPUs (--gpus-per-node); false on CPU nodes
+    smoke_test: bool = False          # true: allow the tiny model or a CPU trainer on GPU nodes (refused otherwise)
+    cpus_per_task: int | None = 8
+    mem: str | None = None            # per node, e.g. 480G; null = partition default
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_lead_s: int = 90           # SIGUSR1 this long before the time limit -> checkpoint + requeue
+    requeue: bool = True
+    extra_directives: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--constraint=a100"]
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. ["module load cuda/12.4"]
+
+    def job_spec(self, job_name: str) -> "SlurmJobSpec":
+        return SlurmJobSpec(
+            job_name=job_name, nodes=self.nodes, nodes_min=self.nodes_min, tasks_per_node=self.devices_per_node,
+            gpus_per_node=self.devices_per_node if self.request_gpus else 0, cpus_per_task=self.cpus_per_task,
+            mem=self.mem, time=str(self.time), partition=self.partition, account=self.account, qos=self.qos,
+            signal_lead_s=self.signal_lead_s, requeue=self.requeue, extra_directives=tuple(self.extra_directives),
+            setup=tuple(self.setup))
+
+
 @dataclass(frozen=True)
 class SlurmJobSpec:
     """What the sbatch header says. ``tasks_per_node`` is the number of devices per node."""
@@ -58,12 +90,12 @@ class SlurmJobSpec:
     gpus_per_node: int = 0          # GPUs to request (GRES); 0 on CPU-only partitions
     cpus_per_task: int | None = None
     mem: str | None = None          # e.g. "64G" per node
-    time: str = "24:00:00"
+    time: str = LauncherConfig.time
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    signal_lead_s: int = 90         # SIGUSR1 this many seconds before the time limit
-    requeue: bool = True
+    signal_lead_s: int = LauncherConfig.signal_lead_s  # SIGUSR1 this many seconds before the time limit
+    requeue: bool = LauncherConfig.requeue
     extra_directives: tuple[str, ...] = ()   # further "#SBATCH" options, e.g. "--constraint=a100"
     setup: tuple[str, ...] = ()              # shell lines before srun (module load, venv activate)
 
