@@ -200,6 +200,10 @@ RULE_CASES = [
     (["data.face_landmarks_in_pose=true"], "face_landmarks_switch_is_one",
      "data.face_landmarks_in_pose=true draws face landmarks into the pose"),
     (["model=sd15"], "real_weights_given", "required config value(s) not set: model.pretrained.sd15"),
+    (["data=three_sources", "data.sources.dance.shards=/d", "data.sources.talk.shards=/t", "data.sources.nature.shards=/n",
+      "+data.sources.talk.wieght=2"], "data_is_valid",
+     "invalid data config: sources.talk: unknown keys ['wieght']; known: ['shards', 'weight', 'kind', 'conditions']"),
+    (["data.crop=middle"], "data_is_valid", "invalid data config: crop must be one of"),
     (["model.reference=ip_adapter", "stage.trainable=[image_prompt]"], "model_is_valid",
      "model.reference=ip_adapter needs model.image_prompt=true"),
 ]

@@ -124,6 +124,21 @@ def model_is_valid(cfg: DictConfig) -> list[str]:
     return []
 
 
+def data_is_valid(cfg: DictConfig) -> list[str]:
+    """The data config's own checks (values, the ``data.sources`` table, aspect buckets): a typo
+    inside a source, which the schema cannot type, is found before a job is queued, not on its
+    node after the queue wait. Paths are not opened here (the data module does that at start)."""
+    from datapipes.loader import ClipLoaderConfig
+
+    if _select(cfg, "data") is None:
+        return []
+    try:
+        ClipLoaderConfig(**_plain(cfg, "data")).validate()
+    except ValueError as error:
+        return [str(error)]
+    return []
+
+
 def stage_trains_what_the_model_has(cfg: DictConfig) -> list[str]:
     """``stage.trainable`` names components the model builds: the reference variant's own (asked
     of its class in reference_variants.py), the S-Face ControlNet with ``model.face=sface``, the
@@ -356,7 +371,7 @@ def compile_fits_the_engine(cfg: DictConfig) -> list[str]:
     return [line] if line else []
 
 
-CONFIG_RULES: list[Rule] = [keys_are_schema_fields, real_weights_given, shards_given, model_is_valid,
+CONFIG_RULES: list[Rule] = [keys_are_schema_fields, real_weights_given, shards_given, model_is_valid, data_is_valid,
                             face_landmarks_switch_is_one, stage_trains_what_the_model_has,
                             stage_conditions_fit_the_data, schedule_is_valid, optim_is_valid, ema_is_valid,
                             compile_fits_the_engine]
