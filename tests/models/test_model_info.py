@@ -57,3 +57,21 @@ def test_xdyna_info_reports_config_errors_in_one_line(capsys):
     assert xdyna_info(["model.flavor=tiny"]) == 2
     error = capsys.readouterr().err.strip()
     assert "model has no key 'flavor' (did you mean flavour?)" in error and "\n" not in error
+
+
+def test_training_from_cached_latents_counts_no_vae_encode():
+    """perf/mfu of a run from cached latents (data.latents) counts the FLOPs the step runs: the
+    pixel step's minus exactly the VAE encode of the clip and its reference."""
+    import torch
+
+    from xdyna.models import ModelConfig, build_model
+    from xdyna.models.info import count_flops, training_flops
+
+    model = build_model(ModelConfig(), device="meta")
+    model.set_trainable(["dynamics_adapter", "motion_modules", "pose_controlnet"])
+    frames, height, width = 4, 64, 32
+    pixels = training_flops(model, ["pose"], frames, height, width)
+    cached = training_flops(model, ["pose"], frames, height, width, cached_latents=True)
+    vae_encode, _ = count_flops(model.encode_images, torch.zeros(frames + 1, 3, height, width, device="meta"))
+    assert vae_encode > 0 and pixels["encoders"] - cached["encoders"] == vae_encode
+    assert (pixels["forward"], pixels["backward"]) == (cached["forward"], cached["backward"])

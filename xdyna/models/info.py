@@ -161,13 +161,16 @@ def run_training_step(
     dtype: torch.dtype = torch.float32,
     forward_context=contextlib.nullcontext,
     around=_call,
+    cached_latents: bool = False,
 ) -> None:
     """One training step of ``model`` as ``XDynaTrainingModule.diffusion_loss`` runs it (frozen
     encoders, the image prompt, the denoiser, the loss) and its backward (only what the trainable
     set requires), on zero inputs of ``dtype`` on the model's device (meta or fake tensors for
     sizing). ``forward_context()`` wraps the forward part as the precision plugin does (autocast);
     ``around(phase, function, *args)`` runs each part (``encoders``, ``forward``, ``backward``):
-    the FLOP counter and the memory predictor each wrap it their way."""
+    the FLOP counter and the memory predictor each wrap it their way. ``cached_latents``: the
+    batch carries VAE latents (``data.latents``, ``xdyna-data encode``), so no VAE encode runs;
+    the image prompt still encodes the reference pixels."""
     device = model.prompt_embeds.device
     video = torch.zeros(batch, frames, 3, height, width, device=device, dtype=dtype)
     reference = torch.zeros(batch, 3, height, width, device=device, dtype=dtype)
@@ -178,8 +181,15 @@ def run_training_step(
     prompt_trains = model.image_prompt is not None and any(p.requires_grad for p in model.image_prompt.resampler.parameters())
 
     def encode():
-        latents = model.encode_video(video)
-        reference_latents = model.encode_images(reference)
+        if cached_latents:  # what the loader delivers instead of the VAE's work: (B, F, 4, h, w)
+            vae = model.vae.config
+            factor = 2 ** (len(vae.block_out_channels) - 1)  # diffusers' VAE downsampling (8 for SD)
+            latent_shape = (vae.latent_channels, height // factor, width // factor)
+            latents = torch.zeros(batch, frames, *latent_shape, device=device, dtype=dtype)
+            reference_latents = torch.zeros(batch, *latent_shape, device=device, dtype=dtype)
+        else:
+            latents = model.encode_video(video)
+            reference_latents = model.encode_images(reference)
         prompt = None
         if model.image_prompt is not None and not prompt_trains:
             with torch.no_grad():
@@ -199,9 +209,11 @@ def run_training_step(
         around("backward", loss.backward)
 
 
-def training_flops(model: XDynaModel, conditions: list[str], frames: int, height: int, width: int) -> dict[str, int]:
-    """FLOPs of one training sample on ``model`` (meta device): frozen encoders, the denoiser's
-    forward and its backward (only what the trainable set requires)."""
+def training_flops(model: XDynaModel, conditions: list[str], frames: int, height: int, width: int,
+                   cached_latents: bool = False) -> dict[str, int]:
+    """FLOPs of one training sample on ``model`` (meta device): frozen encoders (no VAE encode
+    with ``cached_latents``), the denoiser's forward and its backward (only what the trainable set
+    requires)."""
     flops = dict.fromkeys(("encoders", "forward", "backward"), 0)
 
     def counted(phase, function, *args, **kwargs):
@@ -209,7 +221,7 @@ def training_flops(model: XDynaModel, conditions: list[str], frames: int, height
         flops[phase] += count
         return result
 
-    run_training_step(model, conditions, frames, height, width, around=counted)
+    run_training_step(model, conditions, frames, height, width, around=counted, cached_latents=cached_latents)
     return {**flops, "training": sum(flops.values())}
 
 
@@ -221,7 +233,7 @@ def sizing_config(model_config: ModelConfig, **changes) -> ModelConfig:
 
 
 def training_flops_pair(model_config: ModelConfig, trainable: list[str], conditions: list[str], frames: int,
-                        height: int, width: int) -> dict[str, int]:
+                        height: int, width: int, cached_latents: bool = False) -> dict[str, int]:
     """Training FLOPs of one sample, twice: ``model`` (the math, no recompute: what model-FLOPs
     MFU counts) and ``hardware`` (what the GPU executes: the configured activation checkpointing
     recomputes its blocks' forward in backward). Both counted on meta-device models."""
@@ -230,7 +242,7 @@ def training_flops_pair(model_config: ModelConfig, trainable: list[str], conditi
                         ("hardware", sizing_config(model_config))):
         model = build_model(config, device="meta")
         model.set_trainable(trainable)
-        counts[key] = training_flops(model, conditions, frames, height, width)["training"]
+        counts[key] = training_flops(model, conditions, frames, height, width, cached_latents)["training"]
     return counts
 
 

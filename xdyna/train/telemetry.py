@@ -51,8 +51,10 @@ def flops_per_sample(pl_module, batch: dict[str, Any]) -> dict[str, int]:
     from xdyna.models.info import training_flops_pair
 
     _, frames, _, height, width = batch["pose"].shape  # the clip's shape; no video in batches from latents
+    # From cached latents (data.latents) no VAE encode runs: it is not counted (17 % of a stage-1
+    # step at SD1.5 size, docs/performance.md).
     return training_flops_pair(pl_module.model_config, pl_module.trainable_components, pl_module.conditions,
-                               frames, height, width)
+                               frames, height, width, cached_latents="video_latents" in batch)
 
 
 def logged_step(trainer) -> int:
