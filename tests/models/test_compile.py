@@ -92,7 +92,7 @@ def _block_step(model, block, inputs):
     return out.detach(), [t.grad for t in leaves] + [p.grad for p in block.parameters()]
 
 
-@pytest.mark.slow  # about 50 s on 2 busy cores: two inductor compiles (6 s from its on-disk cache)
+@pytest.mark.slow  # 60-75 s cold on 2 busy cores (two inductor compiles), 6 s from its on-disk cache
 def test_inductor_block_matches_eager_with_and_without_checkpointing():
     """Inductor (generated C++ kernels) on one ResNet block, plain and checkpointed: output and
     the gradients of its inputs and weights equal eager within 1e-5 (inductor fuses and reorders
