@@ -10,6 +10,14 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Each pytest-xdist worker (make test: one per core) and the processes its tests start get their
+# share of the cores as OpenMP threads (a user's OMP_NUM_THREADS wins). torch's default, every
+# core in every process, oversubscribes: spinning OpenMP threads of several processes on the same
+# cores made a tiny training step 20-30x slower. Set before torch starts its thread pool.
+# (xdist sets the worker variables before a worker imports this; its controller runs no tests.)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # a plugin may have imported torch already
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLES = REPO.parent / "shared" / "data" / "xdyna_examples"
