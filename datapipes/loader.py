@@ -251,12 +251,23 @@ def shard_sets(cfg: ClipLoaderConfig) -> tuple[list[list[str]], list[int]]:
                 raise ValueError(f"invalid data config: sources.{other} and sources.{source.name} both take "
                                  f"the {kind} clips of the same shards: make them one source (weights add)")
     if cfg.latents:  # one line now, rather than every sample skipped as bad later
-        from datapipes.latents import check_shard_set
-
-        named = {index: source.shards_key for source, index in reversed(list(zip(cfg.data_sources(), of_source)))}
-        for index, key in sorted(named.items()):
-            check_shard_set(sets[index], cfg.clip_spec().buckets, cfg.crop, f"data.{key}")
+        _latents_records(cfg, sets, of_source)
     return sets, of_source
+
+
+def _latents_records(cfg: ClipLoaderConfig, sets: list[list[str]], of_source: list[int]) -> dict[str, dict]:
+    from datapipes.latents import check_shard_set
+
+    named = {index: source.shards_key for source, index in reversed(list(zip(cfg.data_sources(), of_source)))}
+    return {f"data.{key}": check_shard_set(sets[index], cfg.clip_spec().buckets, cfg.crop, f"data.{key}")
+            for index, key in sorted(named.items())}
+
+
+def latents_records(cfg: ClipLoaderConfig) -> dict[str, dict]:
+    """Per shard set of ``data.latents=true`` (by its config key), the latents record of its first
+    sample (crop, resolution, the VAE that encoded it), checked against the clip as
+    :func:`shard_sets` does; the trainer checks the VAE against the model's."""
+    return _latents_records(cfg, *shard_sets(cfg))
 
 
 class BadSampleCeilingError(RuntimeError):

@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from datapipes.clips import to_batch_contract
 
+from .errors import ConfigError
 from .models import ModelConfig, XDynaModel, build_model
 from .models.loading import require_folder
 
@@ -46,11 +47,30 @@ def load_vae(config: ModelConfig) -> tuple[AutoencoderKL, dict]:
         vae = build_model(config).vae
         source = f"random init (flavour {config.flavour}, init_seed {config.init_seed})"
     vae.requires_grad_(False).eval()
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items())[:8]:  # enough to tell two VAEs apart
-        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes()[:4096])
     return vae, {"weights": source, "scaling_factor": float(vae.config.scaling_factor),
-                 "digest": digest.hexdigest()[:16], "chunk": int(config.vae_chunk_size)}
+                 "digest": vae_digest(vae), "chunk": int(config.vae_chunk_size)}
+
+
+def vae_digest(vae: AutoencoderKL) -> str:
+    """A short fingerprint of a VAE's weights (float32 values, so a bf16 copy of the same weights
+    differs only where rounding does): enough to tell two VAEs apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items())[:8]:
+        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    return digest.hexdigest()[:16]
+
+
+def check_cached_vae(vae: AutoencoderKL, records: dict[str, dict]) -> None:
+    """Refuse, in one line, latents that another VAE than ``vae`` encoded (``records``:
+    :func:`datapipes.loader.latents_records`): the denoiser would learn in another latent space
+    than the one the model decodes, and nothing downstream would notice."""
+    own = vae_digest(vae)
+    foreign = [f"{where} (VAE {(record.get('vae') or {}).get('weights')}, digest {(record.get('vae') or {}).get('digest')})"
+               for where, record in records.items() if (record.get("vae") or {}).get("digest") != own]
+    if foreign:
+        raise ConfigError(f"data.latents: {'; '.join(foreign)} were encoded with another VAE than this model's "
+                          f"(digest {own}); encode them again with this model's VAE (xdyna-data encode --sd15/--vae) "
+                          f"or set model.pretrained to the VAE that encoded them")
 
 
 def posterior_encoder(vae: AutoencoderKL, chunk: int, device: str | torch.device = "cpu"):

@@ -101,3 +101,18 @@ def test_bad_input_is_one_clear_error(encoded, tmp_path, capsys):
         ClipLoader(loader_config(out, crop="center", height=32, width=16, latents=True), rank=0, world_size=1)
     with pytest.raises(LatentsError, match="asks for 64x32 with a random crop"):
         ClipLoader(loader_config(out, crop="random", latents=True), rank=0, world_size=1)
+
+
+def test_training_refuses_latents_another_vae_encoded(encoded):
+    """Latents of another VAE would train the denoiser in a latent space the model does not decode,
+    silently: xdyna-train checks the encoding VAE's digest against its model's before training."""
+    from datapipes.loader import latents_records
+    from xdyna.errors import ConfigError
+    from xdyna.latents import check_cached_vae, load_vae
+    from xdyna.models import ModelConfig
+
+    records = latents_records(loader_config(encoded[1], crop="center", latents=True))
+    assert list(records) == ["data.shards"]
+    check_cached_vae(load_vae(ModelConfig())[0], records)  # the VAE that encoded them (the tiny default)
+    with pytest.raises(ConfigError, match=r"data.latents: data.shards \(VAE random init .*\) were encoded with another VAE"):
+        check_cached_vae(load_vae(ModelConfig(init_seed=1))[0], records)

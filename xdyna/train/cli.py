@@ -182,6 +182,11 @@ def _run_training(cfg, preemption_signals) -> dict[str, Any]:
     schedule_node = OmegaConf.select(cfg, "schedule")
     schedule_cfg = OmegaConf.to_container(schedule_node, resolve=True) if schedule_node is not None else None
     module = XDynaTrainingModule(model=model_cfg, stage=stage_cfg, seed=cfg.seed, schedule=schedule_cfg)
+    if data_cfg.get("latents"):  # cached latents must come from this model's VAE (before precision casts it)
+        from datapipes.loader import ClipLoaderConfig, latents_records
+        from ..latents import check_cached_vae
+
+        check_cached_vae(module.model.vae, latents_records(ClipLoaderConfig(**data_cfg)))
     run_dir.mkdir(parents=True, exist_ok=True)
     samples = SampleVideoCallback(
         every_n_steps=cfg.samples.every_n_steps,
