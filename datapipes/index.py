@@ -77,6 +77,13 @@ def build_index(out_dir: str) -> dict:
     clips = [clip for record in records for clip in record["clips"]]
     quarantine = [entry for record in records for entry in record["quarantined"]]
     curation = [decision for record in records for decision in record["curation"]]
+    carried = {}
+    if plan.get("source_index"):  # an encoded set keeps the curation of the index it encoded
+        with open(plan["source_index"]) as handle:
+            source = json.load(handle)
+        curation = source.get("curation", [])
+        carried = {key: source[key] for key in ("not_packed", "retuned_from") if key in source}
+        carried["encoded_from"] = plan["source_index"]
     keys = Counter(clip["key"] for clip in clips)
     duplicates = sorted(key for key, count in keys.items() if count > 1)
     if duplicates:  # cannot happen with one plan (keys are deduplicated before the split): a real fault
@@ -84,7 +91,7 @@ def build_index(out_dir: str) -> dict:
     index = summarise(clips, quarantine, curation, [name for record in records for name in record["shards"]],
                       fingerprint=plan["fingerprint"], parts=plan["parts"], inputs=plan["inputs"],
                       # an encoded shard set (datapipes.latents): what its latents fixed (resolution, crop, VAE)
-                      **({"latents": plan["latents"]} if "latents" in plan else {}),
+                      **({"latents": plan["latents"]} if "latents" in plan else {}), **carried,
                       timings={"total_s": sum(r["timings"]["total_s"] for r in records),
                                "per_part_s": [r["timings"]["total_s"] for r in records]})
     write_bytes_atomic(os.path.join(out_dir, INDEX), json.dumps(index, indent=1, allow_nan=False).encode())

@@ -121,10 +121,12 @@ class EncodeSettings:
     prefix: str = "shard"
     shard_size: int = 1000
     vae: dict | None = None  # what the VAE is (weights, scaling): recorded, part of the plan
+    source_index: str | None = None  # the dataset index encoded, if one was given: its curation carries over
 
     def document(self) -> dict:
         return {"parts": self.parts, "prefix": self.prefix, "shard_size": self.shard_size,
-                "latents": {"crop": CROP, "buckets": [list(b) for b in self.buckets], "vae": self.vae}}
+                "latents": {"crop": CROP, "buckets": [list(b) for b in self.buckets], "vae": self.vae},
+                **({"source_index": self.source_index} if self.source_index else {})}
 
 
 def make_plan(urls: list[str], settings: EncodeSettings) -> dict:

@@ -128,8 +128,10 @@ def _encode(args: argparse.Namespace) -> int:
     config = ModelConfig.from_mapping({"flavour": args.flavour, "vae_chunk_size": args.vae_chunk_size,
                                        "pretrained": {"sd15": args.sd15, "vae": args.vae}})
     vae, described = load_vae(config)  # a missing folder stops here, before anything is written
-    settings = EncodeSettings(parts=parts, buckets=_buckets(args), prefix=args.prefix,
-                              shard_size=args.shard_size, vae=described)
+    # One dataset index given: its curation decisions carry over into the encoded set's index.
+    source_index = os.path.abspath(args.shards[0]) if len(args.shards) == 1 and args.shards[0].endswith(".json") else None
+    settings = EncodeSettings(parts=parts, buckets=_buckets(args), prefix=args.prefix, shard_size=args.shard_size,
+                              vae=described, source_index=source_index)
     plan = make_plan(urls, settings)
     if args.slurm:
         from launch.pack_array import submit_parts_array

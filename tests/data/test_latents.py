@@ -116,3 +116,26 @@ def test_training_refuses_latents_another_vae_encoded(encoded):
     check_cached_vae(load_vae(ModelConfig())[0], records)  # the VAE that encoded them (the tiny default)
     with pytest.raises(ConfigError, match=r"data.latents: data.shards \(VAE random init .*\) were encoded with another VAE"):
         check_cached_vae(load_vae(ModelConfig(init_seed=1))[0], records)
+
+
+def test_encoding_an_index_keeps_its_curation_decisions(encoded, tmp_path):
+    """Retuning the thresholds of an encoded set must not need the source index: its curation
+    decisions (with their scores) and not_packed list carry over."""
+    from datapipes.index import FORMAT, INDEX
+
+    source = encoded[0]
+    curation = [{"key": "clip-a", "decision": "kept", "motion": 0.4}, {"key": "clip-b", "decision": "static", "motion": 0.01}]
+    index = os.path.join(source, INDEX)
+    with open(index, "w") as handle:
+        json.dump({"format": FORMAT, "shards": sorted(n for n in os.listdir(source) if n.endswith(".tar")),
+                   "curation": curation, "not_packed": ["clip-c"]}, handle)
+    try:
+        out = str(tmp_path / "encoded")
+        assert main(["encode", index, "--out", out, "--height", "64", "--width", "32"]) == 0
+    finally:
+        os.unlink(index)  # the module's other tests read the source folder as it was
+    with open(os.path.join(out, INDEX)) as handle:
+        encoded_index = json.load(handle)
+    assert encoded_index["curation"] == curation and encoded_index["not_packed"] == ["clip-c"]
+    assert encoded_index["curation_decisions"] == {"kept": 1, "static": 1} and encoded_index["encoded_from"] == index
+    assert encoded_index["samples"] == 3
