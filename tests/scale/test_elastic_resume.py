@@ -2,10 +2,11 @@
 exactly (DeepSpeed's universal checkpoint, xdyna/train/elastic.py) and its per-rank random streams
 re-derived (xdyna/train/rank_rng.py).
 
-Real DeepSpeed ZeRO-2 on the CPU/gloo path through xdyna-train, one chain of tiny runs shared by
-the tests of this module (:class:`ElasticRuns`): the 2-rank, 2-worker run of test_resume.py
-(the session's shared ``runs``) checkpoints step 1; 1 rank with 1 loader worker resumes it and
-trains step 2; 2 ranks resume that and train step 3.
+Real DeepSpeed ZeRO-2 and ZeRO-3 on the CPU/gloo path through xdyna-train, chains of tiny runs
+shared by the tests of this module (:class:`ElasticRuns`): the 2-rank, 2-worker ZeRO-2 run of
+test_resume.py (the session's shared ``runs``) checkpoints step 1; 1 rank with 1 loader worker
+resumes it and trains step 2; 2 ranks resume that and train step 3. The same 2 -> 1 from the
+shared 2-rank ZeRO-3 run.
 
 What "exactly" means is checked twice, with DeepSpeed's readers on both sides:
 - the conversion: every trainable parameter's fp32 master weight, Adam ``exp_avg``/``exp_avg_sq``
@@ -57,10 +58,12 @@ def _train(root: Path, run_id: str, shards: Path, devices: int, max_steps: int, 
 class ElasticRuns:
     """The chain 2 ranks -> 1 rank -> 2 ranks, each run resuming from a copy of the previous run's
     last checkpoint (as a requeued job on another node count would), trained on first use. The
-    2-rank start is the shared never-stopped ZeRO-2 run (2 loader workers per rank)."""
+    2-rank start is the shared never-stopped run of ``case`` (resume_runs.CASES; the ZeRO-2 one
+    has 2 loader workers per rank)."""
 
-    def __init__(self, root: Path, shards: Path, strategy: str, runs):
-        self.root, self.shards, self.strategy, self.runs = root, shards, strategy, runs
+    def __init__(self, root: Path, shards: Path, case: str, runs):
+        self.root, self.shards, self.case, self.runs = root, shards, case, runs
+        self.strategy = CASES[case][0]
         self._done: dict[str, tuple[Path, str]] = {}
 
     def _run(self, run_id: str, devices: int, max_steps: int, resume_from: Path | None = None) -> tuple[Path, str]:
@@ -74,7 +77,7 @@ class ElasticRuns:
         return self._done[run_id]
 
     def on_two(self) -> Path:
-        return self.runs.straight(ZERO2_CASE)
+        return self.runs.straight(self.case)
 
     def two_to_one(self) -> tuple[Path, str]:
         return self._run("two-to-one", 1, 2, self.on_two() / checkpointing.checkpoint_name(1))
@@ -86,7 +89,13 @@ class ElasticRuns:
 @pytest.fixture(scope="module")
 def zero2_runs(tmp_path_factory, shards, runs) -> ElasticRuns:
     assert CASES[ZERO2_CASE][0] == "deepspeed_cpu_zero2" and "data.num_workers=2" in CASES[ZERO2_CASE][1]  # (+ an EMA)
-    return ElasticRuns(tmp_path_factory.mktemp("elastic"), shards, "deepspeed_cpu_zero2", runs)
+    return ElasticRuns(tmp_path_factory.mktemp("elastic"), shards, ZERO2_CASE, runs)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory, shards, runs) -> ElasticRuns:
+    assert CASES["zero3"][0] == "deepspeed_cpu_zero3"
+    return ElasticRuns(tmp_path_factory.mktemp("elastic3"), shards, "zero3", runs)
 
 
 # ---------------------------------------------------------------- readers (DeepSpeed's own)
@@ -275,20 +284,21 @@ def test_zero2_one_rank_onto_two(zero2_runs):
 
 @pytest.mark.slow
 @reads_runs("zero3")
-def test_zero3_conversion_carries_the_optimizer_state(tmp_path, runs):
-    """ZeRO-3 at the conversion level only (the shared 2-rank ZeRO-3 run's first checkpoint,
-    copied): the engine's universal load is the same DeepSpeed code path as ZeRO-2's above,
-    stage 3's loader."""
-    first = runs.straight("zero3") / checkpointing.checkpoint_name(1)
-    source = tmp_path / "checkpoints" / first.name
-    shutil.copytree(first, source)
-    before = tree_digest(source)
-    universal = elastic.convert_to_universal(source)
-    assert universal == elastic.universal_path(source) and checkpointing.is_complete(universal)
-    assert tree_digest(source) == before
-    assert checkpointing.newest_complete_checkpoint(source.parent) == source  # `latest` did not move
+def test_zero3_two_ranks_onto_one(zero3_runs):
+    """ZeRO-3 partitions every parameter (not one flat buffer per rank): its universal load is stage
+    3's own loader in DeepSpeed. The shared 2-rank ZeRO-3 run's step-1 checkpoint, resumed on 1 rank."""
+    checkpoints, stdout = zero3_runs.two_to_one()
+    source = checkpoints / checkpointing.checkpoint_name(1)
+    assert "xdyna-train: resumed from 2 ranks onto 1 at step 1" in stdout
+    universal = elastic.universal_path(source)
+    assert checkpointing.is_complete(universal) and elastic.convert_to_universal(source) == universal  # converted once
+    assert tree_digest(source) == tree_digest(zero3_runs.on_two() / source.name)
+    assert [entry.path.name for entry in checkpointing.list_complete_checkpoints(checkpoints)] == [
+        source.name, checkpointing.checkpoint_name(2)]
     assert_conversion_exact(source, universal)
-    assert elastic.convert_to_universal(source) == universal  # once: a second call reuses it
+    final = checkpoints / checkpointing.checkpoint_name(2)
+    assert checkpointing.read_metadata(final)["world_size"] == 1
+    assert_adamw_step_from(source, final)
 
 
 # ---------------------------------------------------------------- fast checks (no processes)
