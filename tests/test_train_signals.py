@@ -76,7 +76,8 @@ class _TinyModule(L.LightningModule):
 
 def _fit(tmp_path, callbacks, max_steps: int, log_every_n_steps: int, logger=False):
     # Two batches per epoch: epochs and steps disagree, as with the clip loader.
-    batches = [{"video": torch.randn(1, 2, 3, 4, 4)} for _ in range(2)]
+    # (The batch contract's keys the telemetry reads: the reference, in batches from pixels and from latents.)
+    batches = [{"video": torch.randn(1, 2, 3, 4, 4), "reference": torch.randn(1, 3, 4, 4)} for _ in range(2)]
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger,
                         callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path))
