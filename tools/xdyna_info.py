@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from xdyna.train import stage_config  # stdlib-only: the stage defaults
+
 MISSING = "???"
 
 
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         model_config = model_config_for_sizing(cfg.model)
         job = dict(
             trainable=list(cfg.stage.trainable),
-            conditions=list(cfg.stage.get("conditions", ["pose"])),
+            conditions=list(cfg.stage.get("conditions", stage_config.DEFAULT_CONDITIONS)),
             height=int(cfg.data.height),
             width=int(cfg.data.width),
             world_size=args.world_size or _world_size(cfg.trainer),

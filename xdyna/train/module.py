@@ -15,6 +15,7 @@ from .batches import to_float_batch
 from .collectives import any_rank
 from .nonfinite import first_non_finite
 from .rank_rng import rank_generator
+from .stage_config import DEFAULT_CONDITIONS, OptimConfig  # the stage's defaults, one place (its schema)
 from ..models.loading import mismatch_problems
 from ..models import ModelConfig, XDynaModel, build_model
 
@@ -55,13 +56,12 @@ class XDynaTrainingModule(L.LightningModule):
         self._objective_generator: torch.Generator | None = None
         self.model_config = ModelConfig.from_mapping(model)
         self.trainable_components = list(stage["trainable"])
-        self.conditions = list(stage.get("conditions", ["pose"]))
+        self.conditions = list(stage.get("conditions", DEFAULT_CONDITIONS))
         unknown = sorted(set(self.conditions) - set(CONDITIONS))
         if unknown:
             raise ConfigError(f"stage.conditions: unknown {unknown}; known: {list(CONDITIONS)}")
         if "face" in self.conditions and self.model_config.face == "none":
             raise ConfigError("stage.conditions includes face but model.face=none has no S-Face ControlNet")
-        from .stage_config import OptimConfig  # the optimizer's defaults, one place (stage.optim's schema)
 
         self.optim = OptimConfig.from_mapping(stage.get("optim"))
         self.model: XDynaModel = build_model(self.model_config)

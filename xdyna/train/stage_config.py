@@ -11,6 +11,9 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 from .ema_config import EMAConfig
 
+# A stage's conditions when its mapping names none (also hyperparameters of checkpoints from before the key).
+DEFAULT_CONDITIONS = ("pose",)
+
 
 @dataclass
 class OptimConfig:
@@ -56,7 +59,7 @@ class StageConfig:
 
     name: str
     trainable: list[str]  # component names (xdyna.models.components.COMPONENTS)
-    conditions: list[str] = field(default_factory=lambda: ["pose"])  # pose, face (xdyna.train.module.CONDITIONS)
+    conditions: list[str] = field(default_factory=lambda: list(DEFAULT_CONDITIONS))  # pose, face (xdyna.train.module.CONDITIONS)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # EMA of the trainable weights (xdyna/train/ema.py); decay null = off.
     ema: EMAConfig = field(default_factory=EMAConfig)
