@@ -70,7 +70,7 @@ def _pack(args: argparse.Namespace) -> int:
 def _pack_parts(args: argparse.Namespace, items, options, curate) -> int:
     """``--parts P``: one part (``--part i``), every part in turn here, or an array job (``--slurm``)."""
     from datapipes.index import build_index
-    from datapipes.parts import PartSettings, ensure_plan, finished_parts, make_plan, run_part, dedupe_keys
+    from datapipes.parts import PartSettings, finished_parts, make_plan, run_part, dedupe_keys
 
     settings = PartSettings(parts=args.parts, prefix=args.prefix, shard_size=args.shard_size,
                             shard_bytes=args.shard_bytes, options=options, curate=curate)
