@@ -263,7 +263,7 @@ def test_cfg_job_shows_the_composed_schema_defaults(capsys, monkeypatch):
     cli.main(["--cfg", "job", "stage=stage2"])
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["stage"]["optim"] == {"lr": 1.0e-5, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1.0e-8,
-                                       "warmup_steps": 500}
+                                       "warmup_steps": 500, "elastic_lr": "keep"}
     assert shown["stage"]["conditions"] == ["pose", "face"] and shown["data"]["num_frames"] == 8
     assert shown["schedule"]["beta_end"] == 0.012 and shown["model"]["vae_chunk_size"] == 16
     assert shown["checkpoint"] == {"every_n_steps": 50, "keep": 3, "export_at_end": True}

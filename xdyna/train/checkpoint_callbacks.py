@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from xdyna import provenance
-from xdyna.train import checkpointing
+from xdyna.train import checkpointing, elastic
 from xdyna.train.rank_rng import rank_generator, reseed_global_generators
 
 def save_step_checkpoint(trainer: L.Trainer, checkpoint_dir: str | os.PathLike) -> Path:
@@ -108,6 +108,10 @@ class RandomStateCheckpoint(L.Callback):
     (every rank's objective stream from ``(seed, rank, generation)``, the global generators from
     ``(seed, generation)``), and the generation travels in later checkpoints. Every resume prints
     one line on rank 0: ``resumed from N ranks onto M at step S``.
+
+    The world size the run started on travels too: an elastic resume sets the learning rate by
+    ``stage.optim.elastic_lr`` against it (:func:`xdyna.train.elastic.elastic_lr_scale`) and says so
+    in a second line.
     """
 
     def __init__(self) -> None:
@@ -115,9 +119,12 @@ class RandomStateCheckpoint(L.Callback):
         self._module = None
         # Elastic resumes this run has been through (see xdyna.train.rank_rng).
         self.generation = 0
+        # The world size of the run's first attempt (None until setup or a loaded checkpoint says).
+        self.start_world_size: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._module = pl_module
+        self.start_world_size = trainer.world_size
 
     def _collect(self) -> dict:
         states = collect_rng_states()
@@ -130,11 +137,13 @@ class RandomStateCheckpoint(L.Callback):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
-            return {"ranks": gathered, "generation": self.generation}
-        return {"ranks": [states], "generation": self.generation}
+            return {"ranks": gathered, "generation": self.generation, "start_world_size": self.start_world_size}
+        return {"ranks": [states], "generation": self.generation, "start_world_size": self.start_world_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
+        # (Checkpoints from before the key: the run started on the world size that saved them.)
+        self.start_world_size = int(state_dict.get("start_world_size") or len(state_dict["ranks"]))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is None:
@@ -152,11 +161,25 @@ class RandomStateCheckpoint(L.Callback):
                 pl_module.load_objective_rng_state(mine["objective"])
             return
         self.generation = saved_generation + 1
+        self._rescale_learning_rate(trainer, pl_module)
         reseed_global_generators(pl_module.seed, self.generation)
         if hasattr(pl_module, "load_objective_rng_state"):
             device = pl_module.objective_generator().device
             fresh = rank_generator(pl_module.seed, trainer.global_rank, device, generation=self.generation)
             pl_module.load_objective_rng_state(fresh.get_state())
+
+
+    def _rescale_learning_rate(self, trainer, pl_module) -> None:
+        optim = getattr(pl_module, "optim", None)
+        if optim is None:  # a module without xdyna's optimizer config: nothing to rescale
+            return
+        scale = elastic.elastic_lr_scale(optim.elastic_lr, self.start_world_size, trainer.world_size)
+        elastic.rescale_learning_rate([config.scheduler for config in trainer.lr_scheduler_configs], optim.lr, scale)
+        if trainer.is_global_zero:
+            what = (f"kept at stage.optim.lr (stage.optim.elastic_lr=keep; linear or sqrt would scale it with the global batch)"
+                    if optim.elastic_lr == "keep" else f"x{scale:.6g} of stage.optim.lr (stage.optim.elastic_lr={optim.elastic_lr})")
+            print(f"xdyna-train: the global batch is now {trainer.world_size} ranks' (the run started on {self.start_world_size});"
+                  f" learning rate {what}", flush=True)
 
 
 class ProvenanceCheckpoint(L.Callback):

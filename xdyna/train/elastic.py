@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,6 +45,27 @@ DEEPSPEED_TAG = "checkpoint"
 # DeepSpeed's engine reads the tag of a universal folder from this file (ds_to_universal writes it).
 _LATEST_UNIVERSAL = "latest_universal"
 CONVERSION_LOG = "conversion.log"
+
+
+def elastic_lr_scale(policy: str, start_world_size: int, world_size: int) -> float:
+    """The factor on ``stage.optim.lr`` for a run on ``world_size`` ranks that started on
+    ``start_world_size`` (the configured LR is the start's): ``keep`` 1, ``linear`` M/N0, ``sqrt``
+    its square root. Always against the start, so 64 -> 48 -> 64 ranks ends at exactly 1 again."""
+    ratio = world_size / start_world_size
+    return {"keep": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[policy]
+
+
+def rescale_learning_rate(schedulers, lr: float, scale: float) -> None:
+    """Set the base LR of every (LambdaLR-like) scheduler to ``lr * scale`` and its optimizer's
+    current LR to what the schedule gives at its position, so that the very next step uses it (the
+    optimizer's groups were restored from the checkpoint with the old LR). Under DeepSpeed the
+    client optimizer's groups are the ones the ZeRO optimizer steps with."""
+    for scheduler in schedulers:
+        scheduler.base_lrs = [lr * scale for _ in scheduler.base_lrs]
+        current = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, value in zip(scheduler.optimizer.param_groups, current):
+            group["lr"] = value
+        scheduler._last_lr = current
 
 
 def saved_world_size(checkpoint: str | os.PathLike) -> int | None:

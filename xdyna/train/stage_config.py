@@ -13,6 +13,10 @@ from .ema_config import EMAConfig
 
 # A stage's conditions when its mapping names none (also hyperparameters of checkpoints from before the key).
 DEFAULT_CONDITIONS = ("pose",)
+# What an elastic resume (another world size, xdyna.train.elastic) does to the learning rate, whose
+# configured value is taken as the one for the world size the run started on: keep it, or scale it
+# with the global batch (linear scaling rule, or its square root as for Adam in some recipes).
+ELASTIC_LR = ("keep", "linear", "sqrt")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     eps: float = 1.0e-8
     warmup_steps: int = 500  # optimizer steps from lr/warmup_steps up to lr; 0 or 1: none
+    elastic_lr: str = "keep"  # on a resume onto another world size: keep, linear or sqrt (ELASTIC_LR)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None, key: str = "stage.optim") -> "OptimConfig":
@@ -47,6 +52,8 @@ class OptimConfig:
         config.betas = [float(b) for b in betas]
         if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
             raise ConfigError(f"{key}.warmup_steps={config.warmup_steps!r}: must be an integer >= 0")
+        if config.elastic_lr not in ELASTIC_LR:
+            raise ConfigError(f"{key}.elastic_lr={config.elastic_lr!r}: choose one of {', '.join(ELASTIC_LR)}")
         return config
 
     def to_dict(self) -> dict[str, Any]:
