@@ -18,13 +18,11 @@ from torch.utils.data import get_worker_info
 
 from datapipes import schema, shards
 from datapipes.face import FaceFrame, SFaceGeometry, s_face_maps
+# Defined with the data config that validates them (no torch there, for the config checks).
+from datapipes.loader_config import CROP_MODES, POSE_SOURCES, REFERENCE_MODES  # noqa: F401
 from datapipes.plugins import import_object
 from datapipes.pose import draw_face_landmarks, render_pose
 from datapipes.video import VideoDecodeError, open_video, read_frames
-
-REFERENCE_MODES = ("outside", "inside", "any")
-CROP_MODES = ("random", "center")
-POSE_SOURCES = ("auto", "video", "keypoints")
 
 
 class BadSample(Exception):

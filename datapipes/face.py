@@ -14,9 +14,12 @@ they are parameters of :class:`SFaceGeometry`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch at call time: the sample schema (datapipes.schema) and the config checks import this module
+    import torch
 
 FORMATS = {"ibug68": 68, "mtcnn5": 5}
 TRACK_FORMAT = "xdyna-face-v1"
@@ -109,6 +112,8 @@ def face_track_from_json(document, name: str = "<face.json>") -> list[FaceFrame 
 
 
 def _box_mask(boxes, height: int, width: int) -> torch.Tensor:
+    import torch
+
     mask = torch.zeros(height, width, dtype=torch.bool)
     for x0, y0, x1, y1 in boxes:
         left, top = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
@@ -122,6 +127,8 @@ def s_face_maps(frames: torch.Tensor, faces: list[FaceFrame | None],
                 geometry: SFaceGeometry = SFaceGeometry()) -> torch.Tensor:
     """S-Face maps ``float32 (F, 6, H, W)`` in [0, 1] from frames ``(F, 3, H, W)`` in [0, 1] and
     one face (in the frames' pixel coordinates) or ``None`` per frame; no face -> exact zeros."""
+    import torch
+
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"s_face_maps wants frames (F, 3, H, W), got {tuple(frames.shape)}")
     if len(faces) != frames.shape[0]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import braceexpand
-import webdataset
 
 from datapipes import schema
 
@@ -143,6 +142,8 @@ class ShardSink:
         self.pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
         self.urls: list[str] = []
         self.count = 0
+        import webdataset  # here, not at the top: the config checks read shard names without it
+
         self._writer = webdataset.ShardWriter(self.pattern, maxcount=max_count, maxsize=max_size,
                                               verbose=0, encoder=False, post=self.urls.append)
 
@@ -253,6 +254,8 @@ class _ShardCursor:
             self._raw.seek(offset)
             self.base = offset
         else:
+            import webdataset
+
             self._raw = webdataset.gopen(url, "rb")
             self.base = 0
         try:

@@ -147,7 +147,7 @@ def test_a_typo_in_a_file_is_one_line_naming_the_file_and_key(tmp_path, file, te
 def test_a_key_added_with_plus_is_a_violation():
     # Hydra opens a typed node for '+key=...'; the rule keeps the dataclass's fields the only keys.
     (line,) = config_rules.keys_are_schema_fields(compose_train(["+data.num_frame=4"]))
-    assert line.startswith("data.num_frame: no such key; data takes the fields of datapipes.loader.ClipLoaderConfig")
+    assert line.startswith("data.num_frame: no such key; data takes the fields of datapipes.loader_config.ClipLoaderConfig")
     assert config_rules.keys_are_schema_fields(compose_train([])) == []
 
 

@@ -15,12 +15,15 @@ pipeline reads it back from there (a checkpoint or export that records none is t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
-
-import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError
+
+# torch and diffusers are imported by the functions that use them: the config checks of
+# xdyna-train and xdyna-launch validate a ScheduleConfig before anything heavy is imported.
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -94,20 +97,28 @@ class ScheduleConfig:
 
 
 def training_scheduler(schedule: ScheduleConfig | None = None) -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(**(schedule or ScheduleConfig()).scheduler_kwargs())
 
 
 def sampling_scheduler(schedule: ScheduleConfig | None = None) -> DDIMScheduler:
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler(**(schedule or ScheduleConfig()).scheduler_kwargs(), set_alpha_to_one=False)
 
 
 def sample_timesteps(batch: int, scheduler: DDPMScheduler, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """One timestep per sample, shared by all its frames and its reference."""
+    import torch
+
     return torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
 
 
 def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``latents (B, F, C, h, w)`` noised at per-sample ``timesteps (B,)``."""
+    import torch
+
     alphas = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
     shape = (-1,) + (1,) * (latents.ndim - 1)
     signal = alphas.sqrt().reshape(shape)

@@ -35,47 +35,13 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
 from ..errors import ConfigError
+# The kinds, policies and their resolution are names only, defined without torch for the config checks.
+from .block_kinds import CHECKPOINT_POLICIES as POLICIES  # noqa: F401
+from .block_kinds import KINDS, NETWORK_KINDS, UNET_KINDS, resolve_kinds, resolve_policy  # noqa: F401
 from .motion import FrameLayout
 
-UNET_KINDS = ("resnets", "attentions", "motion")
-NETWORK_KINDS = ("pose_controlnet", "face_controlnet", "reference_net")
-KINDS = (*UNET_KINDS, *NETWORK_KINDS)
-POLICIES: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "diffusers": (),  # diffusers' own flags, set by the model build (see resolve_policy)
-    "unet": UNET_KINDS,
-    "all": KINDS,
-}
 _BLOCK_TYPES = {"resnets": (ResnetBlock2D,), "attentions": (Transformer2DModel,), "motion": (AnimateDiffTransformer3D,)}
 _NETWORK_BLOCKS = (ResnetBlock2D, Transformer2DModel)
-
-
-def resolve_kinds(value: Any, key: str, policies: dict[str, tuple[str, ...]]) -> tuple[str, tuple[str, ...]]:
-    """``(name, kinds)`` of a per-block-kind setting (``key`` names it in errors): a policy name of
-    ``policies``, one kind or a list of kinds (named after the policy with the same kinds, else
-    ``kind+kind``). Shared by ``model.activation_checkpointing`` and ``model.compile``."""
-    if isinstance(value, str):
-        if value in policies:
-            return value, policies[value]
-        if value not in KINDS:
-            raise ConfigError(f"{key}={value!r}: choose a policy {tuple(policies)} or a list of block kinds {KINDS}")
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(kind, str) for kind in value):
-        raise ConfigError(f"{key}={value!r}: expected a policy name {tuple(policies)} or a list of block kinds {KINDS}")
-    unknown = [kind for kind in value if kind not in KINDS]
-    if unknown:
-        raise ConfigError(f"{key}: unknown block kind(s) {unknown}; known: {KINDS} (or a policy: {tuple(policies)})")
-    kinds = tuple(kind for kind in KINDS if kind in value)
-    names = [name for name, members in policies.items() if members == kinds and name != "diffusers"]
-    return (names[0] if names else "+".join(kinds)), kinds
-
-
-def resolve_policy(value: Any, gradient_checkpointing: bool = False) -> tuple[str, tuple[str, ...]]:
-    """``(name, kinds)`` of ``model.activation_checkpointing``: a policy name, a list of kinds, or
-    None (then ``gradient_checkpointing`` decides between ``diffusers`` and ``none``)."""
-    if value is None:
-        return ("diffusers", ()) if gradient_checkpointing else ("none", ())
-    return resolve_kinds(value, "model.activation_checkpointing", POLICIES)
 
 
 class _CheckpointedBlock:

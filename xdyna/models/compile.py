@@ -30,20 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activation_checkpointing import KINDS, UNET_KINDS, blocks_by_kind, count_blocks, resolve_kinds, swap_class
+from .activation_checkpointing import blocks_by_kind, count_blocks, swap_class
+# The policies, their resolution and the engine refusal are names only, defined without torch for the config checks.
+from .block_kinds import COMPILE_KEY as KEY
+from .block_kinds import COMPILE_POLICIES as POLICIES
+from .block_kinds import engine_refusal, resolve_compile  # noqa: F401
 
-KEY = "model.compile"
-POLICIES: dict[str, tuple[str, ...]] = {"none": (), "unet": UNET_KINDS, "all": KINDS}
 # Compiled graphs a block may need: training and inference (grad mode is guarded), the frame
 # layout's three modes (reference, generate, joint: the motion modules branch on it), and a second
 # compile when a size first changes (torch then marks it dynamic). Blocks of one class share one
 # code object, whose cache torch caps at 8 entries (recompile_limit) before running it eagerly.
 GRAPHS_PER_BLOCK = 2 * 3 * 2
-
-
-def resolve_compile(value: Any) -> tuple[str, tuple[str, ...]]:
-    """``(name, kinds)`` of ``model.compile``: null or a policy name, one kind or a list of kinds."""
-    return ("none", ()) if value is None else resolve_kinds(value, KEY, POLICIES)
 
 
 class _CompiledBlock:
@@ -104,13 +101,3 @@ def compiled_kinds(model: nn.Module) -> dict[str, int]:
     """Compiled blocks per kind (for reports and tests)."""
     return count_blocks(model, is_compiled)
 
-
-def engine_refusal(value: Any, zero_stage: int | None) -> str | None:
-    """Why ``model.compile=value`` cannot run under DeepSpeed ZeRO ``zero_stage`` (None: not
-    DeepSpeed), or None when it can. One line, for the config rule."""
-    name, kinds = resolve_compile(value)
-    if not kinds or zero_stage != 3:
-        return None
-    return (f"{KEY}={name} does not work with DeepSpeed ZeRO-3 (its per-layer parameter gather hooks are excluded "
-            f"from torch.compile: every compiled block breaks at its first layer and runs eagerly): use "
-            f"trainer/strategy=deepspeed_zero2 or ddp, or set {KEY}=none")

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+# Both are names and rules only (no torch): the config checks of xdyna-train and xdyna-launch
+# validate a model config before anything heavy is imported.
+from .block_kinds import resolve_compile, resolve_policy
 from .reference_variants import VARIANTS, ReferenceVariant, reference_variant
 
 # How the reference image enters the network (the paper's Table 4, plus kv_concat): one class per
@@ -31,6 +34,11 @@ DEFAULT_GROUPNORM = {"resnet_groupnorm": "per_frame", "motion_groupnorm": "acros
 # PIL bicubic, centre crop); ``squash`` resizes the whole image to the square (keeps the top and
 # bottom of a portrait reference, distorts it).
 IMAGE_PROMPT_RESIZE = ("center_crop", "squash")
+# Trainable components; set_trainable takes these names, exports write one file per component:
+# those of the reference variants (reference_variants.py), then those every variant shares.
+# Here, not in xdyna_model.py (which re-exports them), so the config rules name them without torch.
+SHARED_COMPONENTS = ("motion_modules", "pose_controlnet", "face_controlnet", "image_prompt")
+COMPONENTS = (*dict.fromkeys(name for variant in VARIANTS.values() for name in variant.components), *SHARED_COMPONENTS)
 
 
 @dataclass
@@ -150,8 +158,6 @@ class ModelConfig:
         """The trainable components a model of this config has (xdyna_model.COMPONENTS order): its
         reference variant's own, and the shared ones it does not switch off. What the config rules
         check a stage's trainable set against before any model is built."""
-        from .xdyna_model import COMPONENTS, SHARED_COMPONENTS  # at call time: xdyna_model imports this module
-
         switched = {"face_controlnet": self.face == "sface", "image_prompt": bool(self.image_prompt)}
         own = self.reference_variant.components
         return tuple(name for name in COMPONENTS
@@ -159,11 +165,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         self.resolve_groupnorm()  # a mode set to auto after construction
-        from .activation_checkpointing import resolve_policy
-
         resolve_policy(self.activation_checkpointing, self.gradient_checkpointing)  # one line naming a bad kind
-        from .compile import resolve_compile
-
         resolve_compile(self.compile)
 
         def choose(key: str, value: str, options: tuple[str, ...]) -> None:

@@ -21,27 +21,34 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
 from ..errors import ConfigError
-from .attention import (
-    ChunkedAttentionProcessor,
-    DynamicsAdapterProcessor,
-    ReferenceConcatProcessor,
-    ReferenceFeatures,
-    ReferenceRecorderProcessor,
-    SharedReferenceConcatProcessor,
-    XDynaAttentionProcessor,
-)
 
+# No torch at import: the config checks (ModelConfig.validate, the config rules) read the registry's
+# names, facts and rules before anything heavy is imported. The processors live in attention.py
+# (torch) and are looked up when a model is built (_Processor).
 if TYPE_CHECKING:  # type hints only: the model module imports this one
+    import torch
     from diffusers import UNet2DConditionModel
+    from torch import nn
 
+    from .attention import ReferenceFeatures, XDynaAttentionProcessor
     from .config import ModelConfig
     from .xdyna_model import XDynaModel
 
-NamedParameters = list[tuple[str, nn.Parameter]]
+    NamedParameters = list[tuple[str, nn.Parameter]]
+
+
+class _Processor:
+    """A processor class of :mod:`xdyna.models.attention`, named here and imported when a variant's
+    ``self_attention_processor`` is first read (by the model build), so this registry imports no torch."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, instance, owner) -> type[XDynaAttentionProcessor]:
+        from . import attention
+
+        return getattr(attention, self.name)
 
 
 class ReferenceVariant:
@@ -124,7 +131,7 @@ class DynamicsAdapter(SharedUNetReference):
 
     name = "dynamics_adapter"
     title = "Dynamics-Adapter"
-    self_attention_processor = DynamicsAdapterProcessor
+    self_attention_processor = _Processor("DynamicsAdapterProcessor")
     processor_component = "dynamics_adapter"
     reference_component = "dynamics_adapter"
     components = ("dynamics_adapter",)
@@ -143,7 +150,7 @@ class KVConcat(SharedUNetReference):
 
     name = "kv_concat"
     title = "shared-UNet K/V concatenation"
-    self_attention_processor = SharedReferenceConcatProcessor
+    self_attention_processor = _Processor("SharedReferenceConcatProcessor")
 
 
 class ReferenceNet(ReferenceVariant):
@@ -152,13 +159,15 @@ class ReferenceNet(ReferenceVariant):
 
     name = "reference_net"
     title = "ReferenceNet"
-    self_attention_processor = ReferenceConcatProcessor
+    self_attention_processor = _Processor("ReferenceConcatProcessor")
     reference_component = "reference_net"
     components = ("reference_net",)
     has_reference_pass = True
 
     def build_reference_network(self, unet2d, config):
         # AnimateAnyone initialises its ReferenceNet as a copy of the SD UNet.
+        from .attention import ChunkedAttentionProcessor, ReferenceRecorderProcessor
+
         reference_net = copy.deepcopy(unet2d)
         backend, max_batch = config.attention_backend, config.max_attention_batch
         reference_net.set_attn_processor({

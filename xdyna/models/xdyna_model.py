@@ -10,16 +10,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from .attention import ReferenceFeatures
-from .config import ModelConfig
+from .config import COMPONENTS, SHARED_COMPONENTS, ModelConfig  # noqa: F401 (the components: names only, in config.py)
 from .image_prompt import ImagePrompt
 from .loading import LoadReport
 from .motion import FrameLayout
-from .reference_variants import VARIANTS, one_pass_titles, reference_variant
+from .reference_variants import one_pass_titles, reference_variant
 
-# Trainable components; set_trainable takes these names, exports write one file per component:
-# those of the reference variants (reference_variants.py), then those every variant shares.
-SHARED_COMPONENTS = ("motion_modules", "pose_controlnet", "face_controlnet", "image_prompt")
-COMPONENTS = (*dict.fromkeys(name for variant in VARIANTS.values() for name in variant.components), *SHARED_COMPONENTS)
 # Frozen parts, reported by xdyna-info beside the components.
 FROZEN_PARTS = ("unet", "vae", "image_encoder")
 

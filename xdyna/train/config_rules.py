@@ -128,7 +128,7 @@ def data_is_valid(cfg: DictConfig) -> list[str]:
     """The data config's own checks (values, the ``data.sources`` table, aspect buckets): a typo
     inside a source, which the schema cannot type, is found before a job is queued, not on its
     node after the queue wait. Paths are not opened here (the data module does that at start)."""
-    from datapipes.loader import ClipLoaderConfig
+    from datapipes.loader_config import ClipLoaderConfig
 
     if _select(cfg, "data") is None:
         return []
@@ -144,7 +144,7 @@ def stage_trains_what_the_model_has(cfg: DictConfig) -> list[str]:
     of its class in reference_variants.py), the S-Face ControlNet with ``model.face=sface``, the
     image prompt with ``model.image_prompt=true``. Caught when the model is built, otherwise: after
     the weights are loaded, or on a cluster after the queue wait."""
-    from ..models.xdyna_model import COMPONENTS
+    from ..models.config import COMPONENTS
 
     trainable = _plain(cfg, "stage.trainable")
     model = _model(cfg)
@@ -187,7 +187,7 @@ def stage_conditions_fit_the_data(cfg: DictConfig) -> list[str]:
     """``stage.conditions`` against the model and the data: a face condition needs the S-Face
     ControlNet (``model.face=sface``) and face maps in the batches (``data.with_face=true``, and
     with ``data.sources`` a source whose clips carry them); a trained ControlNet needs its condition."""
-    from datapipes.loader import SOURCE_KINDS, ClipLoaderConfig
+    from datapipes.loader_config import SOURCE_KINDS, ClipLoaderConfig
 
     conditions = _plain(cfg, "stage.conditions")
     if not isinstance(conditions, list):
@@ -362,7 +362,7 @@ def optim_is_valid(cfg: DictConfig) -> list[str]:
 
 def compile_fits_the_engine(cfg: DictConfig) -> list[str]:
     """``model.compile`` under DeepSpeed ZeRO-3 is refused (xdyna/models/compile.py says why)."""
-    from ..models.compile import engine_refusal
+    from ..models.block_kinds import engine_refusal
 
     model = _model(cfg)
     if model is None or _select(cfg, "trainer.strategy.kind", "") not in ("deepspeed", "deepspeed_cpu"):

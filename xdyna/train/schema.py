@@ -20,7 +20,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from datapipes.loader import ClipLoaderConfig
+# Each schema from a module that imports no torch, diffusers or webdataset: every CLI imports this
+# one, and a bad config is answered before anything heavy is imported (tests/test_light_config.py).
+from datapipes.loader_config import ClipLoaderConfig
 from ..diffusion import ScheduleConfig
 from ..models.config import ModelConfig
 from .slurm import LauncherConfig
