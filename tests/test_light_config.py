@@ -63,3 +63,22 @@ def test_xdyna_launch_renders_the_sbatch_script_without_the_ml_stack(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --partition=gpu" in result.stdout
     assert heavy == [], f"xdyna-launch imported {heavy} to render a script"
+
+
+def test_xdyna_models_exports_every_name_it_had():
+    """The package imports its names on first use; each still comes from its defining module."""
+    import xdyna.models as models
+    from xdyna.models import attention, build, config, loading, reference_variants, xdyna_model
+
+    defined_in = {attention: ["ReferenceFeatures"], build: ["build_model"],
+                  config: ["COMPONENTS", "FACE_VARIANTS", "ModelConfig", "PretrainedPaths"],
+                  loading: ["LoadReport", "PretrainedNotFoundError", "WeightsMismatchError", "load_component_safetensors",
+                            "read_state_dict", "save_component_safetensors"],
+                  reference_variants: ["REFERENCE_VARIANTS", "ReferenceVariant", "reference_variant"],
+                  xdyna_model: ["COMPONENTS", "FROZEN_PARTS", "XDynaModel"]}
+    for module, names in defined_in.items():
+        for name in names:
+            assert getattr(models, name) is getattr(module, name), name
+    assert sorted(models.__all__) == sorted({name for names in defined_in.values() for name in names})
+    with pytest.raises(AttributeError, match="no attribute 'build_modle'"):
+        models.build_modle

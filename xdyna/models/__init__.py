@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "ReferenceFeatures": "attention",
     "build_model": "build",
+    "COMPONENTS": "config",
     "FACE_VARIANTS": "config",
     "ModelConfig": "config",
     "PretrainedPaths": "config",
@@ -27,7 +28,6 @@ _EXPORTS = {
     "REFERENCE_VARIANTS": "reference_variants",
     "ReferenceVariant": "reference_variants",
     "reference_variant": "reference_variants",
-    "COMPONENTS": "config",
     "FROZEN_PARTS": "xdyna_model",
     "XDynaModel": "xdyna_model",
 }
