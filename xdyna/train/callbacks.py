@@ -75,7 +75,8 @@ class SampleVideoCallback(L.Callback):
         self.rendered_at_step: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.fixed_batch is None:
+        # max_samples=0: no videos at all (no batch is kept, so render() never runs on any rank).
+        if self.fixed_batch is None and self.max_samples > 0:
             n = self.max_samples
             batch = to_float_batch(batch)
             self.fixed_batch = {k: v[:n].detach().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -360,6 +360,19 @@ def optim_is_valid(cfg: DictConfig) -> list[str]:
     return []
 
 
+def samples_are_valid(cfg: DictConfig) -> list[str]:
+    """``samples`` (the sample videos of xdyna.train.callbacks.SampleVideoCallback): counts that
+    make sense, checked before a model is built. ``max_samples=0`` switches the videos off."""
+    minimum = {"every_n_steps": 0, "max_samples": 0, "num_inference_steps": 1}
+    bad = [f"samples.{key}={value!r}: must be an integer >= {least}" for key, least in minimum.items()
+           if (value := _select(cfg, f"samples.{key}", least)) is not None
+           and (isinstance(value, bool) or not isinstance(value, int) or value < least)]
+    fps = _select(cfg, "samples.fps", 8)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+        bad.append(f"samples.fps={fps!r}: must be a number > 0")
+    return bad
+
+
 def compile_fits_the_engine(cfg: DictConfig) -> list[str]:
     """``model.compile`` under DeepSpeed ZeRO-3 is refused (xdyna/models/compile.py says why)."""
     from ..models.block_kinds import engine_refusal
@@ -374,7 +387,7 @@ def compile_fits_the_engine(cfg: DictConfig) -> list[str]:
 CONFIG_RULES: list[Rule] = [keys_are_schema_fields, real_weights_given, shards_given, model_is_valid, data_is_valid,
                             face_landmarks_switch_is_one, stage_trains_what_the_model_has,
                             stage_conditions_fit_the_data, schedule_is_valid, optim_is_valid, ema_is_valid,
-                            compile_fits_the_engine]
+                            samples_are_valid, compile_fits_the_engine]
 LAUNCH_RULES: list[Rule] = [gpu_launcher_runs_a_gpu_job, job_has_no_unset_values]
 ENVIRONMENT_RULES: list[Rule] = [accelerator_is_available, scene_clips_exist]
 

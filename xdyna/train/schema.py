@@ -79,7 +79,7 @@ class DebugConfig:
 class SamplesConfig:
     every_n_steps: int = 0  # 0: only at the end of the stage
     num_inference_steps: int = 10
-    max_samples: int = 2
+    max_samples: int = 2  # clips per rank in each sample video; 0: no sample videos
     weights: str = "ema"  # ema: the stage's EMA (stage.ema) once it has started, else raw; raw: the trained weights
     fps: int = 8
     face_det: bool = False  # also log val/face_det (MTCNN from facenet-pytorch; ~0.5 s per frame on CPU)
