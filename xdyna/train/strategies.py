@@ -19,6 +19,8 @@ the LightningModule must then load non-strictly (``strict_loading = False``).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 import torch
@@ -136,11 +138,31 @@ class CPUDeepSpeedStrategy(XDynaDeepSpeedStrategy):
         # DeepSpeedStrategy.setup_distributed minus the CUDA device-index validation.
         reset_seed()
         self.set_world_ranks()
+        use_environment_ninja()
         self._init_deepspeed_distributed()
 
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", self.local_rank)
+
+
+def use_environment_ninja(environ=os.environ) -> None:
+    """Put this Python environment's ``ninja`` first on PATH (inherited by the ranks it launches).
+
+    On CPU, DeepSpeed's process-group setup JIT-builds its shared-memory comm op through torch's
+    cpp_extension, which runs whichever ``ninja`` PATH names into a build folder shared by every
+    environment of the user (~/.cache/torch_extensions). Two ninja versions (the pip one beside
+    this interpreter, installed with deepspeed, and a system one) hash the same build commands
+    differently, so processes started with and without the environment's bin/ on PATH (an
+    activated shell, a test's subprocess, a SLURM step) each take the other's build for stale and
+    recompile it: 1-2 CPU-minutes per rank, the other ranks blocked on the build lock meanwhile.
+    One ninja per environment builds once."""
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        return
+    entries = environ.get("PATH", "").split(os.pathsep)
+    if entries[:1] != [bin_dir]:
+        environ["PATH"] = os.pathsep.join([bin_dir, *(entry for entry in entries if entry and entry != bin_dir)])
 
 
 def _deepspeed_kwargs(
