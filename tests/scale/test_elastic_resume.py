@@ -77,7 +77,9 @@ def _train(root: Path, run_id: str, shards: Path, devices: int, max_steps: int, 
            overrides: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [str(BIN / "xdyna-train"), *tiny_overrides(shards, root, run_id, max_steps, every_n_steps=1, strategy=strategy),
-         f"trainer.devices={devices}", "checkpoint.export_at_end=false", *overrides],
+         # No export and no sample videos: nothing here reads them (the shared 2-rank runs render
+         # and export under every strategy), and under ZeRO-3 sampling is the slowest part of a run.
+         f"trainer.devices={devices}", "checkpoint.export_at_end=false", "samples.max_samples=0", *overrides],
         cwd=root, env=clean_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert done.returncode == 0, f"{run_id}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
