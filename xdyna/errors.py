@@ -11,3 +11,14 @@ class XDynaUserError(Exception):
 
 class ConfigError(XDynaUserError, ValueError):
     """A configuration value is invalid."""
+
+
+def is_integer(value, minimum: int) -> bool:
+    """An int (not a bool, which Python counts as one) of at least ``minimum``: the check every
+    count in a config gets before its one-line ``must be an integer >= minimum`` error."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_number(value) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

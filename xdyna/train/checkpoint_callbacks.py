@@ -168,7 +168,6 @@ class RandomStateCheckpoint(L.Callback):
             fresh = rank_generator(pl_module.seed, trainer.global_rank, device, generation=self.generation)
             pl_module.load_objective_rng_state(fresh.get_state())
 
-
     def _rescale_learning_rate(self, trainer, pl_module) -> None:
         optim = getattr(pl_module, "optim", None)
         if optim is None:  # a module without xdyna's optimizer config: nothing to rescale

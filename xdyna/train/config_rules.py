@@ -15,7 +15,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer, is_number
 
 Rule = Callable[[DictConfig], "list[str]"]
 
@@ -365,10 +365,9 @@ def samples_are_valid(cfg: DictConfig) -> list[str]:
     make sense, checked before a model is built. ``max_samples=0`` switches the videos off."""
     minimum = {"every_n_steps": 0, "max_samples": 0, "num_inference_steps": 1}
     bad = [f"samples.{key}={value!r}: must be an integer >= {least}" for key, least in minimum.items()
-           if (value := _select(cfg, f"samples.{key}", least)) is not None
-           and (isinstance(value, bool) or not isinstance(value, int) or value < least)]
+           if (value := _select(cfg, f"samples.{key}", least)) is not None and not is_integer(value, least)]
     fps = _select(cfg, "samples.fps", 8)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+    if not is_number(fps) or fps <= 0:
         bad.append(f"samples.fps={fps!r}: must be a number > 0")
     return bad
 

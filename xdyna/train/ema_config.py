@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer, is_number
 
 FP32_BYTES = 4
 SAMPLE_WEIGHTS = ("ema", "raw")
@@ -31,11 +31,11 @@ class EMAConfig:
             raise ConfigError(f"{key}: unknown key(s) {unknown}; known: decay, start_step, every_n_steps")
         config = cls(**mapping)
         decay, start, every = config.decay, config.start_step, config.every_n_steps
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0):
+        if decay is not None and (not is_number(decay) or not 0.0 <= decay < 1.0):
             raise ConfigError(f"{key}.decay={decay!r}: must be a number in [0, 1) (null switches the EMA off)")
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        if not is_integer(start, 0):
             raise ConfigError(f"{key}.start_step={start!r}: must be an integer >= 0")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not is_integer(every, 1):
             raise ConfigError(f"{key}.every_n_steps={every!r}: must be an integer >= 1")
         return config
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer, is_number
 from .ema_config import EMAConfig
 
 # A stage's conditions when its mapping names none (also hyperparameters of checkpoints from before the key).
@@ -44,13 +44,13 @@ class OptimConfig:
         config = cls(**mapping)
         for name in ("lr", "weight_decay", "eps"):
             value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name != "weight_decay" and value == 0):
+            if not is_number(value) or value < 0 or (name != "weight_decay" and value == 0):
                 raise ConfigError(f"{key}.{name}={value!r}: must be a number > 0" + (" (or 0)" if name == "weight_decay" else ""))
         betas = list(config.betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"{key}.betas={config.betas!r}: must be two numbers in [0, 1)")
         config.betas = [float(b) for b in betas]
-        if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
+        if not is_integer(config.warmup_steps, 0):
             raise ConfigError(f"{key}.warmup_steps={config.warmup_steps!r}: must be an integer >= 0")
         if config.elastic_lr not in ELASTIC_LR:
             raise ConfigError(f"{key}.elastic_lr={config.elastic_lr!r}: choose one of {', '.join(ELASTIC_LR)}")
